@@ -1,0 +1,103 @@
+"""One factory for every backbone: ResNets (optionally with the CIFAR stem), any torchvision
+classification model, and any timm model, ViTs included."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch
+import torchvision
+from torch import nn
+
+
+class Backbone(nn.Module):
+    """A feature extractor: ``forward`` maps images to pooled features of size ``num_features``.
+
+    ``model`` is the wrapped network with its classifier removed; ``name`` is the factory name.
+    """
+
+    def __init__(self, model: nn.Module, num_features: int, name: str) -> None:
+        super().__init__()
+        self.model = model
+        self.num_features = num_features
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def _cifar_stem(conv1: nn.Conv2d) -> nn.Conv2d:
+    """A 3x3 stride-1 convolution replacing the 7x7 stride-2 ImageNet stem."""
+    return nn.Conv2d(conv1.in_channels, conv1.out_channels, 3, stride=1, padding=1, bias=False)
+
+
+def _torchvision(name: str, cifar_stem: bool, kwargs: dict[str, Any]) -> Backbone:
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    if cifar_stem:
+        if not hasattr(model, "conv1"):
+            raise ValueError(f"cifar_stem=True needs a ResNet-like model with conv1; got {name!r}")
+        model.conv1 = _cifar_stem(model.conv1)
+        model.maxpool = nn.Identity()
+    for head in ("fc", "classifier", "head", "heads"):
+        layer = getattr(model, head, None)
+        if layer is None:
+            continue
+        if isinstance(layer, nn.Linear):
+            dim = layer.in_features
+        else:
+            dim = next(m for m in reversed(list(layer.modules())) if isinstance(m, nn.Linear))
+            dim = dim.in_features
+        setattr(model, head, nn.Identity())
+        return Backbone(model, dim, name)
+    raise ValueError(f"cannot find the classifier of torchvision model {name!r}")
+
+
+def _timm(name: str, cifar_stem: bool, kwargs: dict[str, Any]) -> Backbone:
+    model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    if cifar_stem:
+        if not hasattr(model, "conv1"):
+            raise ValueError(f"cifar_stem=True needs a ResNet-like model with conv1; got {name!r}")
+        model.conv1 = _cifar_stem(model.conv1)
+        model.maxpool = nn.Identity()
+    return Backbone(model, model.num_features, name)
+
+
+def build_backbone(
+    name: str = "resnet18",
+    cifar_stem: bool = False,
+    img_size: int | None = None,
+    patch_size: int | None = None,
+    **kwargs: Any,
+) -> Backbone:
+    """Build a backbone with its classifier removed.
+
+    Args:
+        name: ``"resnet18"``, ``"resnet50"``, any torchvision classification model name, or any
+            timm model name. A ``"tv/"`` or ``"timm/"`` prefix picks the library explicitly;
+            without one, torchvision is tried first.
+        cifar_stem: replace the ResNet stem with a 3x3 stride-1 convolution and no max-pool,
+            the usual variant for 32x32 images.
+        img_size: input size for ViTs (timm), e.g. 32 for CIFAR.
+        patch_size: patch size for ViTs (timm), e.g. 4 for CIFAR.
+        kwargs: passed to the model constructor (e.g. ``zero_init_residual`` for torchvision
+            ResNets, ``drop_path_rate`` or ``channels`` for timm models).
+    """
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    if patch_size is not None:
+        kwargs["patch_size"] = patch_size
+    library, _, bare = name.rpartition("/")
+    if library not in ("", "tv", "timm"):
+        raise ValueError(f"unknown backbone library {library!r} in {name!r}; use 'tv/' or 'timm/'")
+    tv_names = set(torchvision.models.list_models(module=torchvision.models))
+    if library == "tv" or (library == "" and bare in tv_names):
+        if bare not in tv_names:
+            raise ValueError(f"unknown torchvision model {bare!r}")
+        return _torchvision(bare, cifar_stem, kwargs)
+    if not timm.is_model(bare):
+        raise ValueError(
+            f"unknown backbone {name!r}: not a torchvision classification model nor a timm model "
+            "(see torchvision.models.list_models() and timm.list_models())"
+        )
+    return _timm(bare, cifar_stem, kwargs)

@@ -1,0 +1,7 @@
+"""Callbacks shared by every method."""
+
+from sslzoo.callbacks.ema import EMATeacher
+from sslzoo.callbacks.knn import KNNMonitor
+from sslzoo.callbacks.online_probe import OnlineProbe
+
+__all__ = ["EMATeacher", "KNNMonitor", "OnlineProbe"]

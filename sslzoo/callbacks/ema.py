@@ -1,0 +1,60 @@
+"""EMA teacher update after each optimizer step (BYOL, MoCo v3, DINO, iBOT)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from sslzoo.methods.schedules import cosine_to_one
+
+
+@torch.no_grad()
+def ema_update(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
+    """teacher <- m * teacher + (1 - m) * student, over parameters, with fused foreach ops.
+
+    Buffers (BatchNorm statistics) stay the teacher's own, as in the official code.
+    """
+    t_params = [p.data for p in teacher.parameters()]
+    s_params = [p.data for p in student.parameters()]
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+
+
+class EMATeacher(L.Callback):
+    """Update every (student, teacher) pair the method declares in ``teacher_pairs()``.
+
+    The momentum follows ``m_k = 1 - (1 - m0)(1 + cos(pi k / K)) / 2`` over optimizer steps k
+    of K. The update runs once per optimizer step, never on gradient-accumulation
+    micro-batches, and logs ``train/ema_momentum``.
+
+    Args:
+        base_momentum: m0; ``None`` takes the method's own ``ema_base_momentum``.
+        cosine: follow the cosine-to-one schedule; ``False`` keeps m0 constant.
+    """
+
+    def __init__(self, base_momentum: float | None = None, cosine: bool = True) -> None:
+        self.base_momentum = base_momentum
+        self.cosine = cosine
+        self._last_step: int | None = None
+
+    def momentum_at(self, step: int, total_steps: int, pl_module: L.LightningModule) -> float:
+        base = self.base_momentum if self.base_momentum is not None else pl_module.ema_base_momentum
+        return cosine_to_one(step, total_steps, base) if self.cosine else base
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
+        step = trainer.global_step
+        if step == self._last_step:
+            return
+        self._last_step = step
+        m = self.momentum_at(step - 1, int(trainer.estimated_stepping_batches), pl_module)
+        for student, teacher in pl_module.teacher_pairs():
+            ema_update(student, teacher, m)
+        pl_module.log("train/ema_momentum", m)

@@ -1,0 +1,113 @@
+"""Online linear probe: a classifier trained on detached features while the backbone pretrains."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class OnlineProbe(L.Callback):
+    """Train a linear classifier on the detached features that ``training_step`` returns.
+
+    The probe is ``BatchNorm1d(affine=False) -> Linear`` with its own AdamW optimizer, so no
+    gradient reaches the backbone and the method's optimizer never sees it. Batches without
+    labels (label < 0) are skipped. Logs ``probe/train_loss``, ``probe/train_top1`` and, on
+    the validation set, ``probe/val_top1``. Its weights and optimizer state are saved in the
+    checkpoint, so a resumed run continues exactly.
+
+    Args:
+        num_classes: number of classes; ``None`` takes the datamodule's ``num_classes``.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+    """
+
+    def __init__(
+        self, num_classes: int | None = None, lr: float = 1e-3, weight_decay: float = 0.0
+    ) -> None:
+        self.num_classes = num_classes
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.head: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._correct = 0
+        self._total = 0
+
+    def _ensure(self, pl_module: L.LightningModule, dim: int) -> nn.Module:
+        if self.head is None:
+            num_classes = self.num_classes or pl_module.trainer.datamodule.num_classes
+            self.head = nn.Sequential(
+                nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes)
+            )
+            self.head.to(pl_module.device)
+            self.optimizer = torch.optim.AdamW(
+                self.head.parameters(), lr=self.lr, weight_decay=self.weight_decay
+            )
+            if self._pending_state is not None:
+                self.load_state_dict(self._pending_state)
+                self._pending_state = None
+        return self.head
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
+        if not isinstance(outputs, dict) or "features" not in outputs:
+            return
+        labels = outputs["labels"]
+        keep = labels >= 0
+        if not bool(keep.any()):
+            return
+        features = outputs["features"].detach().float()[keep]
+        labels = labels[keep]
+        head = self._ensure(pl_module, features.shape[1])
+        head.train()
+        with torch.enable_grad():
+            logits = head(features)
+            loss = F.cross_entropy(logits, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        pl_module.log("probe/train_loss", loss.detach())
+        pl_module.log("probe/train_top1", (logits.argmax(1) == labels).float().mean())
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._correct, self._total = 0, 0
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self.head is None or trainer.sanity_checking:
+            return
+        self.head.eval()
+        with torch.no_grad():
+            pred = self.head(outputs["features"].float()).argmax(1)
+        self._correct += int((pred == outputs["labels"]).sum())
+        self._total += len(pred)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._total:
+            pl_module.log("probe/val_top1", self._correct / self._total)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.head is None:
+            return self._pending_state or {}
+        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.head is None:
+            self._pending_state = state_dict
+            return
+        self.head.load_state_dict(state_dict["head"])
+        self.optimizer.load_state_dict(state_dict["optimizer"])

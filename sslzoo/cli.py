@@ -1,0 +1,110 @@
+"""Command line: ``sslzoo fit|validate|test --config ...`` (LightningCLI) and ``sslzoo quickstart``.
+
+Runs log to ``trainer.default_root_dir`` (``runs/<method>_<data>`` unless set): TensorBoard
+events, ``metrics.csv``, ``config.yaml`` and ``checkpoints/last.ckpt``, so
+``--ckpt_path last`` resumes the run in place.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+import sslzoo.datamodules as datamodules
+import sslzoo.methods as methods
+from sslzoo.datamodules import SSLDataModule
+from sslzoo.methods import SSLMethod
+
+METHODS = sorted(n for n in methods.__all__ if n != "SSLMethod")
+DATAMODULES = sorted(n for n in datamodules.__all__ if n != "SSLDataModule")
+
+
+def _class_name(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    path = getattr(value, "class_path", None) or (
+        value.get("class_path") if isinstance(value, dict) else None
+    )
+    return path.rsplit(".", 1)[-1] if path else None
+
+
+class SSLZooCLI(LightningCLI):
+    """LightningCLI with ``--model`` and ``--data`` in subclass mode, sslzoo's run layout, and
+    errors that list the valid method and dataset names."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(SSLMethod, SSLDataModule, *args, **kwargs)
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except SystemExit:
+            argv = list(args) if isinstance(args, list | tuple) else sys.argv[1:]
+            self._explain_names(argv)
+            raise
+
+    @staticmethod
+    def _explain_names(argv: list[str]) -> None:
+        """After a parse error, say which method or datamodule names exist."""
+        for flag, valid in (("--model", METHODS), ("--data", DATAMODULES)):
+            for i, arg in enumerate(argv):
+                value = None
+                if arg == flag and i + 1 < len(argv):
+                    value = argv[i + 1]
+                elif arg.startswith(flag + "="):
+                    value = arg.split("=", 1)[1]
+                if value and not value.startswith("{") and value.rsplit(".", 1)[-1] not in valid:
+                    print(
+                        f"error: unknown {flag[2:]} {value!r}; valid names: {', '.join(valid)}",
+                        file=sys.stderr,
+                    )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        trainer = config.get("trainer")
+        if trainer is not None and not trainer.get("default_root_dir"):
+            method = (_class_name(config.get("model")) or "run").lower()
+            data = (_class_name(config.get("data")) or "data").replace("DataModule", "").lower()
+            trainer["default_root_dir"] = str(Path("runs") / f"{method}_{data}")
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Trainer:
+        root = config.get("default_root_dir") or "runs/default"
+        if config.get("logger") in (None, True):
+            config["logger"] = [
+                TensorBoardLogger(root, name="", version=""),
+                CSVLogger(root, name="", version=""),
+            ]
+        configured = list(config.get("callbacks") or []) + list(callbacks)
+        if config.get("enable_checkpointing", True) is not False and not any(
+            isinstance(c, ModelCheckpoint) for c in configured
+        ):
+            callbacks = [
+                *callbacks,
+                ModelCheckpoint(dirpath=Path(root) / "checkpoints", save_last=True),
+            ]
+        return super()._instantiate_trainer(config, callbacks)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``sslzoo`` command."""
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] == "quickstart":
+        from sslzoo.quickstart import main as quickstart
+
+        quickstart(argv[1:])
+        return
+    SSLZooCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""The datamodule contract: multi-view training images, labeled images for the kNN bank, and
+labeled validation images. The view recipe comes from the method being trained."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torchvision.transforms as T
+from torch.utils.data import DataLoader, Dataset
+
+from sslzoo.datamodules.images import Transform, collate_skip_none
+
+
+class SSLDataModule(L.LightningDataModule):
+    """Base class of every datamodule.
+
+    Subclasses implement :meth:`build_datasets` (called in ``setup`` with the view and eval
+    transforms) and set ``num_classes``, ``mean`` and ``std``.
+
+    Args:
+        batch_size: images per device and step.
+        num_workers: dataloader worker processes.
+        image_size: side of the training crops and evaluation images.
+        eval_resize_ratio: evaluation images are resized to ``image_size x ratio`` then centre
+            cropped (256/224 for ImageNet-like data, 1 for images already at size).
+        pin_memory: pin host memory for faster host-to-device copies.
+    """
+
+    num_classes: int = 0
+    mean: Sequence[float] = (0.485, 0.456, 0.406)
+    std: Sequence[float] = (0.229, 0.224, 0.225)
+
+    def __init__(
+        self,
+        batch_size: int = 256,
+        num_workers: int = 4,
+        image_size: int = 224,
+        eval_resize_ratio: float = 256 / 224,
+        pin_memory: bool = True,
+    ) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.image_size = image_size
+        self.eval_resize_ratio = eval_resize_ratio
+        self.pin_memory = pin_memory
+        self.train_set: Dataset | None = None
+        self.bank_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def eval_transform(self) -> Transform:
+        """No augmentation: resize, centre crop, normalise."""
+        resize = round(self.image_size * self.eval_resize_ratio)
+        return T.Compose(
+            [
+                T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC),
+                T.CenterCrop(self.image_size),
+                T.ToTensor(),
+                T.Normalize(self.mean, self.std),
+            ]
+        )
+
+    @property
+    def report_file(self) -> str | None:
+        """Where unreadable images are listed: ``skipped_images.txt`` in the run's log dir."""
+        if self.trainer is None:
+            return None
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
+        os.makedirs(log_dir, exist_ok=True)
+        return str(Path(log_dir) / "skipped_images.txt")
+
+    def build_datasets(self, views: Transform | None, eval_transform: Transform) -> None:
+        """Create ``train_set`` (views), ``bank_set`` and ``val_set`` (eval transform)."""
+        raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        views = None
+        if self.trainer is not None and self.trainer.lightning_module is not None:
+            views = self.trainer.lightning_module.view_transform(
+                self.image_size, self.mean, self.std
+            )
+        self.build_datasets(views, self.eval_transform())
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            collate_fn=collate_skip_none,
+            persistent_workers=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            raise RuntimeError("setup() has not built the training set (no method attached?)")
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def knn_bank_dataloader(self) -> DataLoader:
+        """Labeled training images without augmentation: the kNN feature bank."""
+        return self._loader(self.bank_set, train=False)

@@ -1,0 +1,176 @@
+"""Image datasets: files decoded lazily (unreadable ones skipped and reported) or uint8 arrays
+held in memory; both yield ``(transform(image), label)``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tarfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, default_collate
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+Transform = Callable[[Image.Image], Any]
+
+
+def read_image(path: str | os.PathLike) -> Image.Image:
+    """Decode an image fully (so truncated files fail here, not later) as RGB."""
+    with Image.open(path) as img:
+        img.load()
+        return img.convert("RGB")
+
+
+def report_skipped(report_file: str | None, path: str, error: Exception) -> None:
+    """Log an unreadable image and append its path to the run's report file."""
+    log.warning("skipping unreadable image %s (%s)", path, error)
+    if report_file:
+        with open(report_file, "a") as f:
+            f.write(f"{path}\t{type(error).__name__}: {error}\n")
+
+
+class ImageFiles(Dataset):
+    """``(path, label)`` samples decoded on access. An image that cannot be decoded yields
+    ``None`` (dropped by :func:`collate_skip_none`) and is reported with its path."""
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        transform: Transform | None = None,
+        report_file: str | None = None,
+    ) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.report_file = report_file
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | None:
+        path, label = self.samples[index]
+        try:
+            image = read_image(path)
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            report_skipped(self.report_file, path, error)
+            return None
+        return (self.transform(image) if self.transform else image), label
+
+
+class ImageArray(Dataset):
+    """Images held in memory as one uint8 array of shape (N, H, W, 3)."""
+
+    def __init__(
+        self, images: np.ndarray, labels: Sequence[int], transform: Transform | None = None
+    ) -> None:
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"expected uint8 images of shape (N, H, W, 3), got {images.shape}")
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image = Image.fromarray(self.images[index])
+        return (self.transform(image) if self.transform else image), int(self.labels[index])
+
+
+def collate_skip_none(batch: list[Any]) -> Any:
+    """Default collation after dropping samples that failed to load; None if all failed."""
+    batch = [b for b in batch if b is not None]
+    return default_collate(batch) if batch else None
+
+
+def scan_folder(
+    root: str | os.PathLike, labeled: bool = True
+) -> tuple[list[tuple[str, int]], list[str]]:
+    """List images under ``root``.
+
+    Labeled: one sub-folder per class (the ImageFolder layout), classes sorted by name.
+    Unlabeled: every image below ``root``, label -1.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
+    if not labeled:
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise FileNotFoundError(
+                f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {str(root)!r}"
+            )
+        return [(str(p), -1) for p in files], []
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise FileNotFoundError(
+            f"{str(root)!r} has no class sub-folders; a labeled image folder is "
+            "ROOT/<class>/<image>"
+        )
+    samples = []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        samples += [(str(p), label) for p in files]
+    return samples, classes
+
+
+def stratified_subset(
+    samples: Sequence[tuple[Any, int]], per_class: int, seed: int = 0
+) -> list[tuple[Any, int]]:
+    """At most ``per_class`` samples of each label, picked with a fixed seed, in input order."""
+    labels = np.array([label for _, label in samples])
+    rng = np.random.default_rng(seed)
+    keep = []
+    for label in np.unique(labels):
+        idx = np.flatnonzero(labels == label)
+        keep += rng.permutation(idx)[:per_class].tolist()
+    return [samples[i] for i in sorted(keep)]
+
+
+def extract_archive(archive: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Unpack a .tar/.tar.gz once into the cache and return the folder it was unpacked to."""
+    archive = Path(archive)
+    cache = Path(cache_dir or os.environ.get("SSLZOO_CACHE", Path.home() / ".cache" / "sslzoo"))
+    name = archive.name.split(".tar")[0]
+    dest = cache / name
+    done = dest / ".extracted"
+    if done.exists() and done.read_text() == str(archive.stat().st_size):
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    log.info("unpacking %s to %s", archive, dest)
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest, filter="data")
+    done.write_text(str(archive.stat().st_size))
+    return dest
+
+
+def decode_to_array(
+    samples: Sequence[tuple[str, int]], report_file: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode same-sized images into one uint8 array, skipping (and reporting) bad files."""
+    from tqdm.auto import tqdm
+
+    images, labels = [], []
+    for path, label in tqdm(samples, desc="decoding images", leave=False, mininterval=1.0):
+        try:
+            images.append(np.asarray(read_image(path)))
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            report_skipped(report_file, path, error)
+            continue
+        labels.append(label)
+    shapes = {im.shape for im in images}
+    if len(shapes) != 1:
+        raise ValueError(f"images differ in size ({sorted(shapes)[:3]}...); cannot stack them")
+    return np.stack(images), np.array(labels, dtype=np.int64)
+
+
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images, in [0, 1] units."""
+    x = torch.from_numpy(images).float().div_(255).reshape(-1, 3)
+    return x.mean(0).tolist(), x.std(0).tolist()

@@ -1,0 +1,262 @@
+"""The contract every method fills in: backbone, heads, loss, views, parameter groups, teachers.
+
+A method subclasses :class:`SSLMethod`, builds its heads in ``__init__``, returns its view recipe
+from :meth:`view_transform`, and writes ``training_step`` like the paper's pseudocode, ending
+with ``return self.training_outputs(...)``. Optimizer, learning-rate and weight-decay schedules,
+linear LR scaling and feature extraction for evaluation live here.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+from collections.abc import Callable, Sequence
+from types import SimpleNamespace
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from PIL import Image
+from torch import nn
+
+from sslzoo.backbones import Backbone, build_backbone
+from sslzoo.methods.optim import OptimizerName, build_optimizer, split_decay
+from sslzoo.methods.schedules import warmup_cosine
+
+ViewTransform = Callable[[Image.Image], list[torch.Tensor]]
+LRScaling = Literal["linear", "sqrt", "none"]
+
+
+def embedding_std(z: torch.Tensor) -> torch.Tensor:
+    """Mean per-dimension std of L2-normalised embeddings: 0 under collapse, about 1/sqrt(d)
+    for embeddings spread over the sphere."""
+    return F.normalize(z.detach().float(), dim=1).std(dim=0).mean()
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy with gradients off, used as an EMA teacher."""
+    teacher = copy.deepcopy(module)
+    for p in teacher.parameters():
+        p.requires_grad = False
+    return teacher
+
+
+class SSLMethod(L.LightningModule):
+    """Base class of every self-supervised method.
+
+    Args:
+        backbone: backbone name for :func:`sslzoo.backbones.build_backbone` (``resnet18``, any
+            torchvision classification model, any timm model).
+        backbone_kwargs: extra constructor arguments for the backbone (``img_size``,
+            ``patch_size``, ``drop_path_rate``, ``zero_init_residual``...).
+        cifar_stem: use the 3x3 stride-1 ResNet stem without max-pool (32x32 images).
+        optimizer: ``sgd``, ``lars`` or ``adamw``.
+        lr: base learning rate; scaled by the global batch according to ``lr_scaling``.
+        lr_scaling: ``linear`` (lr x batch / 256), ``sqrt`` (lr x sqrt(batch)) or ``none``.
+        weight_decay: weight decay of weights; biases and norms get none.
+        weight_decay_end: if set, weight decay follows a cosine from ``weight_decay`` to this.
+        momentum: SGD/LARS momentum.
+        betas: AdamW betas.
+        warmup_epochs: linear learning-rate warmup length, in epochs (fractions allowed).
+        start_warmup_lr: learning rate at step 0 of the warmup.
+        min_lr: learning rate at the end of the cosine decay (not scaled).
+        lars_trust_coefficient: LARS trust coefficient (eta).
+        exclude_bias_and_norm: exclude biases and norm parameters from weight decay and LARS
+            adaptation.
+        sync_batchnorm: convert BatchNorm layers to SyncBatchNorm when training on several
+            devices.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        backbone_kwargs: dict[str, Any] | None = None,
+        cifar_stem: bool = False,
+        optimizer: OptimizerName = "sgd",
+        lr: float = 0.05,
+        lr_scaling: LRScaling = "linear",
+        weight_decay: float = 1e-4,
+        weight_decay_end: float | None = None,
+        momentum: float = 0.9,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_epochs: float = 0.0,
+        start_warmup_lr: float = 0.0,
+        min_lr: float = 0.0,
+        lars_trust_coefficient: float = 1e-3,
+        exclude_bias_and_norm: bool = True,
+        sync_batchnorm: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.settings = SimpleNamespace(
+            optimizer=optimizer,
+            lr=lr,
+            lr_scaling=lr_scaling,
+            weight_decay=weight_decay,
+            weight_decay_end=weight_decay_end,
+            momentum=momentum,
+            betas=tuple(betas),
+            warmup_epochs=warmup_epochs,
+            start_warmup_lr=start_warmup_lr,
+            min_lr=min_lr,
+            lars_trust_coefficient=lars_trust_coefficient,
+            exclude_bias_and_norm=exclude_bias_and_norm,
+            sync_batchnorm=sync_batchnorm,
+        )
+        self.backbone: Backbone = build_backbone(
+            backbone, cifar_stem=cifar_stem, **(backbone_kwargs or {})
+        )
+        self._steps_per_epoch: int | None = None
+
+    # ----------------------------------------------------------------- method contract
+    def view_transform(
+        self, image_size: int, mean: Sequence[float], std: Sequence[float]
+    ) -> ViewTransform:
+        """The multi-view recipe: maps one PIL image to the list of augmented views."""
+        raise NotImplementedError
+
+    def teacher_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(student, teacher) module pairs updated by the EMA callback; none by default."""
+        return []
+
+    @property
+    def ema_base_momentum(self) -> float:
+        """Base EMA momentum m0 of the cosine-to-one teacher schedule."""
+        raise NotImplementedError(f"{type(self).__name__} has no EMA teacher")
+
+    @property
+    def eval_backbone(self) -> nn.Module:
+        """The backbone whose features are evaluated (kNN, probes, export)."""
+        return self.backbone
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups. A group with ``fixed_lr=True`` keeps the scaled base
+        learning rate instead of following the schedule."""
+        decay, no_decay = split_decay(self.named_parameters(), self.settings.exclude_bias_and_norm)
+        return [
+            {"params": decay, "weight_decay": self.settings.weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+        ]
+
+    # ----------------------------------------------------------------- shared helpers
+    def training_outputs(
+        self,
+        loss: torch.Tensor,
+        embeddings: torch.Tensor,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Log the dashboard metrics and hand detached features to the probe callback."""
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/embedding_std", embedding_std(embeddings))
+        return {"loss": loss, "features": features.detach(), "labels": labels}
+
+    @torch.no_grad()
+    def extract_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Evaluation features of a batch of normalised images."""
+        return self.eval_backbone(images)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        images, labels = batch
+        return {"features": self.extract_features(images), "labels": labels}
+
+    def configure_callbacks(self) -> list[Callback]:
+        """Bring the EMA teacher callback when the method has a teacher and the config has
+        none, so a config that forgets it still trains correctly."""
+        from sslzoo.callbacks.ema import EMATeacher
+
+        if not self.teacher_pairs():
+            return []
+        if self._trainer is not None and any(
+            isinstance(c, EMATeacher) for c in self.trainer.callbacks
+        ):
+            return []
+        return [EMATeacher()]
+
+    def setup(self, stage: str) -> None:
+        if self.settings.sync_batchnorm and self.trainer.world_size > 1:
+            nn.SyncBatchNorm.convert_sync_batchnorm(self)
+
+    # ----------------------------------------------------------------- optimisation
+    @property
+    def global_batch_size(self) -> int:
+        """Images per optimizer step across all devices."""
+        dm = getattr(self.trainer, "datamodule", None)
+        local = getattr(dm, "batch_size", None)
+        if local is None:
+            local = self.trainer.train_dataloader.batch_size
+        return int(local) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    @property
+    def scaled_lr(self) -> float:
+        """The peak learning rate after batch-size scaling."""
+        lr, scaling = self.settings.lr, self.settings.lr_scaling
+        if scaling == "linear":
+            return lr * self.global_batch_size / 256
+        if scaling == "sqrt":
+            return lr * math.sqrt(self.global_batch_size)
+        return lr
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch."""
+        if self._steps_per_epoch is None:
+            batches = self.trainer.num_training_batches
+            self._steps_per_epoch = max(
+                1, math.ceil(batches / self.trainer.accumulate_grad_batches)
+            )
+        return self._steps_per_epoch
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run."""
+        return int(self.trainer.estimated_stepping_batches)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        groups = self.parameter_groups()
+        for g in groups:
+            g["base_weight_decay"] = g["weight_decay"]
+        st = self.settings
+        return build_optimizer(
+            st.optimizer, groups, st.lr, st.momentum, st.betas, st.lars_trust_coefficient
+        )
+
+    def learning_rate_at(self, step: int) -> float:
+        """Scheduled learning rate at optimizer step ``step``."""
+        st = self.settings
+        warmup = round(st.warmup_epochs * self.steps_per_epoch)
+        return warmup_cosine(
+            step, self.total_steps, warmup, self.scaled_lr, st.min_lr, st.start_warmup_lr
+        )
+
+    def weight_decay_at(self, step: int, base: float) -> float:
+        """Scheduled weight decay of a group whose base decay is ``base``."""
+        end = self.settings.weight_decay_end
+        if end is None or base == 0.0:
+            return base
+        return warmup_cosine(step, self.total_steps, 0, base, end)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Set this step's learning rate and weight decay in every group."""
+        step = self.global_step
+        lr = self.learning_rate_at(step)
+        optimizers = self.optimizers(use_pl_optimizer=False)
+        for opt in optimizers if isinstance(optimizers, list) else [optimizers]:
+            for g in opt.param_groups:
+                g["lr"] = self.scaled_lr if g.get("fixed_lr") else lr
+                g["weight_decay"] = self.weight_decay_at(step, g["base_weight_decay"])
+        self.log("train/lr", lr)
+
+    def on_train_epoch_start(self) -> None:
+        """Seed every RNG from (seed, epoch, rank) so that shuffling and augmentation of an
+        epoch are the same in a resumed run as in an uninterrupted one."""
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        epoch_seed = (seed * 1_000_003 + self.current_epoch * 1009 + self.global_rank) % 2**32
+        random.seed(epoch_seed)
+        np.random.seed(epoch_seed)
+        torch.manual_seed(epoch_seed)

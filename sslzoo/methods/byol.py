@@ -1,0 +1,147 @@
+"""BYOL (Grill et al., 2020, "Bootstrap Your Own Latent").
+
+online:  y = f(x), z = g(y), p = q(z)          # backbone, projector, predictor
+target:  y' = f'(x), z' = g'(x)                # EMA of (f, g), no gradient
+loss = (2 - 2 cos(p(v1), z'(v2))) + (2 - 2 cos(p(v2), z'(v1)))
+after each step: target <- tau * target + (1 - tau) * online, tau -> 1 on a cosine
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightly.models.modules.heads import BYOLPredictionHead, BYOLProjectionHead
+from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform
+from torch import nn
+
+from sslzoo.methods.base import LRScaling, SSLMethod, ViewTransform, frozen_copy
+from sslzoo.methods.optim import OptimizerName
+
+
+def regression_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """BYOL's normalised MSE, ``2 - 2 cos(p, z)``, averaged over the batch; z gets no gradient."""
+    return (2 - 2 * F.cosine_similarity(p, z.detach(), dim=-1)).mean()
+
+
+class BYOL(SSLMethod):
+    """BYOL with the official (deepmind-research/byol) defaults of the 1000-epoch config.
+
+    The official presets by epochs are: lr {40: 0.45, 100: 0.45, 300: 0.3, 1000: 0.2} per 256,
+    EMA base {40: 0.97, 100: 0.99, 300: 0.99, 1000: 0.996}, weight decay 1e-6 (1.5e-6 at 1000).
+
+    Args:
+        projector_hidden_dim: projector MLP hidden width.
+        projector_out_dim: projection dimension.
+        predictor_hidden_dim: predictor MLP hidden width.
+        ema_momentum: base EMA momentum tau_base; rises to 1 on a cosine over the run.
+        crop_min_scale: smallest random-resized-crop area fraction.
+        color_jitter_prob: probability of colour jitter (0.4, 0.4, 0.2, 0.1), random order.
+        grayscale_prob: probability of grayscale.
+        blur_prob: Gaussian blur probability of (view 1, view 2).
+        solarize_prob: solarisation probability of (view 1, view 2).
+        blur_sigma: range of the blur sigma.
+        hflip_prob: probability of a horizontal flip.
+        sync_batchnorm: synchronise BatchNorm across devices (``cross_replica_axis``).
+        backbone: backbone name (see :class:`SSLMethod`).
+        backbone_kwargs: backbone constructor arguments.
+        cifar_stem: 3x3 stride-1 ResNet stem for 32x32 images.
+        optimizer: ``lars`` officially.
+        lr: base learning rate per 256 images.
+        lr_scaling: learning-rate scaling rule.
+        weight_decay: weight decay (not on biases and BN).
+        momentum: LARS momentum.
+        warmup_epochs: linear warmup, then cosine decay.
+        min_lr: final learning rate.
+        lars_trust_coefficient: LARS eta.
+    """
+
+    def __init__(
+        self,
+        projector_hidden_dim: int = 4096,
+        projector_out_dim: int = 256,
+        predictor_hidden_dim: int = 4096,
+        ema_momentum: float = 0.996,
+        crop_min_scale: float = 0.08,
+        color_jitter_prob: float = 0.8,
+        grayscale_prob: float = 0.2,
+        blur_prob: tuple[float, float] = (1.0, 0.1),
+        solarize_prob: tuple[float, float] = (0.0, 0.2),
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        hflip_prob: float = 0.5,
+        sync_batchnorm: bool = True,
+        backbone: str = "resnet50",
+        backbone_kwargs: dict[str, Any] | None = None,
+        cifar_stem: bool = False,
+        optimizer: OptimizerName = "lars",
+        lr: float = 0.2,
+        lr_scaling: LRScaling = "linear",
+        weight_decay: float = 1.5e-6,
+        momentum: float = 0.9,
+        warmup_epochs: float = 10.0,
+        min_lr: float = 0.0,
+        lars_trust_coefficient: float = 1e-3,
+    ) -> None:
+        super().__init__(
+            backbone=backbone,
+            backbone_kwargs=backbone_kwargs,
+            cifar_stem=cifar_stem,
+            optimizer=optimizer,
+            lr=lr,
+            lr_scaling=lr_scaling,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            warmup_epochs=warmup_epochs,
+            min_lr=min_lr,
+            lars_trust_coefficient=lars_trust_coefficient,
+            sync_batchnorm=sync_batchnorm,
+        )
+        dim = self.backbone.num_features
+        self.projector = BYOLProjectionHead(dim, projector_hidden_dim, projector_out_dim)
+        self.predictor = BYOLPredictionHead(
+            projector_out_dim, predictor_hidden_dim, projector_out_dim
+        )
+        self.target_backbone = frozen_copy(self.backbone)
+        self.target_projector = frozen_copy(self.projector)
+
+    @property
+    def ema_base_momentum(self) -> float:
+        return self.hparams.ema_momentum
+
+    def teacher_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.backbone, self.target_backbone), (self.projector, self.target_projector)]
+
+    def view_transform(
+        self, image_size: int, mean: Sequence[float], std: Sequence[float]
+    ) -> ViewTransform:
+        hp = self.hparams
+        common = dict(
+            input_size=image_size,
+            cj_prob=hp.color_jitter_prob,
+            min_scale=hp.crop_min_scale,
+            random_gray_scale=hp.grayscale_prob,
+            sigmas=tuple(hp.blur_sigma),
+            hf_prob=hp.hflip_prob,
+            normalize={"mean": list(mean), "std": list(std)},
+        )
+        return BYOLTransform(
+            view_1_transform=BYOLView1Transform(
+                gaussian_blur=hp.blur_prob[0], solarization_prob=hp.solarize_prob[0], **common
+            ),
+            view_2_transform=BYOLView2Transform(
+                gaussian_blur=hp.blur_prob[1], solarization_prob=hp.solarize_prob[1], **common
+            ),
+        )
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        (x1, x2), labels = batch
+        y1, y2 = self.backbone(x1), self.backbone(x2)
+        z1, z2 = self.projector(y1), self.projector(y2)
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        with torch.no_grad():
+            t1 = self.target_projector(self.target_backbone(x1))
+            t2 = self.target_projector(self.target_backbone(x2))
+        loss = regression_loss(p1, t2) + regression_loss(p2, t1)
+        return self.training_outputs(loss, z1, y1, labels)

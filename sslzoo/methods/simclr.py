@@ -1,0 +1,181 @@
+"""SimCLR (Chen et al., 2020, "A Simple Framework for Contrastive Learning of Visual
+Representations"; v2: "Big Self-Supervised Models are Strong Semi-Supervised Learners").
+
+    for x in batch:
+        x1, x2 = augment(x), augment(x)
+        z1, z2 = g(f(x1)), g(f(x2))          # f: backbone, g: projection head
+    loss = NT-Xent(z1, z2, temperature)      # in-batch negatives, both directions
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightly.transforms import SimCLRTransform
+from lightly.utils.dist import gather
+from torch import nn
+
+from sslzoo.methods.base import LRScaling, SSLMethod, ViewTransform
+from sslzoo.methods.optim import OptimizerName
+
+
+class SimCLRProjectionHead(nn.Sequential):
+    """The SimCLR v2 projection head (tf2/model.py ``ProjectionHead``, nonlinear mode).
+
+    ``num_layers - 1`` hidden layers of Linear(no bias) -> BN -> ReLU with width equal to the
+    input, then Linear(no bias) -> BN without beta (``center=False``): the last BN keeps its
+    scale but its shift is fixed at zero.
+    """
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
+        layers: list[nn.Module] = []
+        dim = input_dim
+        for _ in range(num_layers - 1):
+            layers += [
+                nn.Linear(dim, hidden_dim, bias=False),
+                nn.BatchNorm1d(hidden_dim),
+                nn.ReLU(),
+            ]
+            dim = hidden_dim
+        last_bn = nn.BatchNorm1d(output_dim)
+        last_bn.bias.requires_grad = False
+        layers += [nn.Linear(dim, output_dim, bias=False), last_bn]
+        super().__init__(*layers)
+
+
+def nt_xent_loss(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: float,
+    normalize: bool = True,
+    gather_distributed: bool = True,
+) -> torch.Tensor:
+    """NT-Xent as in the official tf2 ``add_contrastive_loss``: ``mean(loss_a + loss_b)``.
+
+    For sample i of view a, the positive is i of view b; the negatives are every other sample
+    of both views across all ranks (gathered with gradients). The loss is the sum of the two
+    directions, each averaged over the batch.
+    """
+    if normalize:
+        z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    n, offset = z1.shape[0], 0
+    k1, k2 = z1, z2
+    if (
+        gather_distributed
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+    ):
+        k1, k2 = torch.cat(gather(z1)), torch.cat(gather(z2))
+        offset = n * torch.distributed.get_rank()
+    labels = torch.arange(n, device=z1.device) + offset
+    self_mask = F.one_hot(labels, k1.shape[0]).bool()
+    logits_ab = z1 @ k2.T / temperature
+    logits_aa = (z1 @ k1.T / temperature).masked_fill(self_mask, float("-inf"))
+    logits_ba = z2 @ k1.T / temperature
+    logits_bb = (z2 @ k2.T / temperature).masked_fill(self_mask, float("-inf"))
+    loss_a = F.cross_entropy(torch.cat([logits_ab, logits_aa], 1), labels)
+    loss_b = F.cross_entropy(torch.cat([logits_ba, logits_bb], 1), labels)
+    return loss_a + loss_b
+
+
+class SimCLR(SSLMethod):
+    """SimCLR with the official (google-research/simclr, tf2) defaults.
+
+    Args:
+        temperature: NT-Xent temperature (0.1 ImageNet; the README uses 0.5 for CIFAR-10).
+        hidden_norm: L2-normalise projections before the dot product.
+        num_proj_layers: layers of the projection head (3 in v2, 2 in v1).
+        proj_hidden_dim: width of hidden head layers; ``None`` uses the backbone's width.
+        proj_out_dim: projection output dimension.
+        crop_min_scale: smallest random-resized-crop area fraction.
+        color_jitter_strength: colour distortion strength s: jitter (0.8s, 0.8s, 0.8s, 0.2s).
+        color_jitter_prob: probability of colour jitter (applied in random order).
+        grayscale_prob: probability of converting to grayscale.
+        blur_prob: probability of Gaussian blur (0 for 32x32 images).
+        blur_sigma: range of the blur sigma.
+        hflip_prob: probability of a horizontal flip.
+        sync_batchnorm: synchronise BatchNorm across devices (``global_bn``).
+        backbone: see :class:`SSLMethod`; the same for the remaining arguments.
+        backbone_kwargs: backbone constructor arguments.
+        cifar_stem: 3x3 stride-1 ResNet stem for 32x32 images.
+        optimizer: ``lars`` officially.
+        lr: 0.3 per 256 images with linear scaling (or 0.075 with ``sqrt`` scaling).
+        lr_scaling: ``linear`` or ``sqrt`` (better for small batches, per the README).
+        weight_decay: 1e-6 (v1; the v2 ImageNet command uses 1e-4).
+        momentum: LARS momentum.
+        warmup_epochs: linear warmup, then cosine decay.
+        min_lr: final learning rate.
+        lars_trust_coefficient: LARS eta.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        hidden_norm: bool = True,
+        num_proj_layers: int = 3,
+        proj_hidden_dim: int | None = None,
+        proj_out_dim: int = 128,
+        crop_min_scale: float = 0.08,
+        color_jitter_strength: float = 1.0,
+        color_jitter_prob: float = 0.8,
+        grayscale_prob: float = 0.2,
+        blur_prob: float = 0.5,
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        hflip_prob: float = 0.5,
+        sync_batchnorm: bool = True,
+        backbone: str = "resnet50",
+        backbone_kwargs: dict[str, Any] | None = None,
+        cifar_stem: bool = False,
+        optimizer: OptimizerName = "lars",
+        lr: float = 0.3,
+        lr_scaling: LRScaling = "linear",
+        weight_decay: float = 1e-6,
+        momentum: float = 0.9,
+        warmup_epochs: float = 10.0,
+        min_lr: float = 0.0,
+        lars_trust_coefficient: float = 1e-3,
+    ) -> None:
+        super().__init__(
+            backbone=backbone,
+            backbone_kwargs=backbone_kwargs,
+            cifar_stem=cifar_stem,
+            optimizer=optimizer,
+            lr=lr,
+            lr_scaling=lr_scaling,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            warmup_epochs=warmup_epochs,
+            min_lr=min_lr,
+            lars_trust_coefficient=lars_trust_coefficient,
+            sync_batchnorm=sync_batchnorm,
+        )
+        dim = self.backbone.num_features
+        self.projection_head = SimCLRProjectionHead(
+            dim, proj_hidden_dim or dim, proj_out_dim, num_proj_layers
+        )
+
+    def view_transform(
+        self, image_size: int, mean: Sequence[float], std: Sequence[float]
+    ) -> ViewTransform:
+        hp = self.hparams
+        return SimCLRTransform(
+            input_size=image_size,
+            cj_prob=hp.color_jitter_prob,
+            cj_strength=hp.color_jitter_strength,
+            min_scale=hp.crop_min_scale,
+            random_gray_scale=hp.grayscale_prob,
+            gaussian_blur=hp.blur_prob,
+            sigmas=tuple(hp.blur_sigma),
+            hf_prob=hp.hflip_prob,
+            normalize={"mean": list(mean), "std": list(std)},
+        )
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        (x1, x2), labels = batch
+        h = self.backbone(torch.cat([x1, x2]))
+        z1, z2 = self.projection_head(h).chunk(2)
+        loss = nt_xent_loss(z1, z2, self.hparams.temperature, self.hparams.hidden_norm)
+        return self.training_outputs(loss, z1, h[: len(x1)], labels)
