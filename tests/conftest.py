@@ -1,0 +1,39 @@
+"""Shared fixtures: the real CIFAR-10 archive (required: missing data fails, never skips),
+tiny backbones, and quiet trainers."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR_ARCHIVE = Path(
+    os.environ.get("SSLZOO_CIFAR10", REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz")
+)
+
+# A ResNet small enough for CPU tests: one BasicBlock per stage, widths 16-128.
+TINY_RESNET = {
+    "backbone": "timm/resnet18",
+    "backbone_kwargs": {"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128], "stem_width": 16},
+    "cifar_stem": True,
+}
+
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """CIFAR-10 unpacked from ../shared/data once per session. Fails if the archive is missing."""
+    from sslzoo.datamodules.images import extract_archive
+
+    if not CIFAR_ARCHIVE.is_file():
+        pytest.fail(
+            f"CIFAR-10 archive not found at {CIFAR_ARCHIVE}; set SSLZOO_CIFAR10 to its path "
+            "(the real-data tests need it and must not be skipped)"
+        )
+    return str(extract_archive(CIFAR_ARCHIVE, tmp_path_factory.mktemp("cache")))
