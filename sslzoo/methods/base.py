@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import random
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import Any, Literal
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
@@ -265,12 +262,3 @@ class SSLMethod(L.LightningModule):
                 g["lr"] = self.scaled_lr if g.get("fixed_lr") else lr
                 g["weight_decay"] = self.weight_decay_at(step, g["base_weight_decay"])
         self.log("train/lr", lr)
-
-    def on_train_epoch_start(self) -> None:
-        """Seed every RNG from (seed, epoch, rank) so that shuffling and augmentation of an
-        epoch are the same in a resumed run as in an uninterrupted one."""
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        epoch_seed = (seed * 1_000_003 + self.current_epoch * 1009 + self.global_rank) % 2**32
-        random.seed(epoch_seed)
-        np.random.seed(epoch_seed)
-        torch.manual_seed(epoch_seed)

@@ -1,0 +1,95 @@
+"""EMA teacher: one update against the definition, the schedule, and no update on
+gradient-accumulation micro-batches."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from sslzoo.callbacks.ema import EMATeacher, ema_update
+from sslzoo.methods.byol import BYOL
+from sslzoo.methods.schedules import cosine_to_one
+from tests.conftest import TINY_RESNET
+from tests.helpers import digits, quiet_trainer
+
+
+def test_one_update_matches_definition() -> None:
+    torch.manual_seed(0)
+    student, teacher = nn.Linear(4, 3), nn.Linear(4, 3)
+    before = copy.deepcopy(teacher)
+    ema_update(student, teacher, 0.9)
+    for s, t0, t1 in zip(
+        student.parameters(), before.parameters(), teacher.parameters(), strict=True
+    ):
+        assert torch.allclose(t1, 0.9 * t0 + 0.1 * s)
+
+
+class CountingBYOL(BYOL):
+    """BYOL that records the teacher's first weight after every micro-batch."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.snapshots: list[tuple[int, torch.Tensor]] = []
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        w = next(self.target_projector.parameters()).detach().clone()
+        self.snapshots.append((self.global_step, w))
+
+
+def small_byol(**kwargs) -> CountingBYOL:
+    return CountingBYOL(
+        **TINY_RESNET,
+        projector_hidden_dim=32,
+        projector_out_dim=8,
+        predictor_hidden_dim=32,
+        sync_batchnorm=False,
+        optimizer="sgd",
+        lr=0.1,
+        warmup_epochs=0,
+        **kwargs,
+    )
+
+
+def test_no_update_on_accumulation_micro_batches() -> None:
+    torch.manual_seed(0)
+    model = small_byol()
+    ema = EMATeacher()
+    trainer = quiet_trainer(
+        max_steps=3, accumulate_grad_batches=2, callbacks=[ema], limit_val_batches=0
+    )
+    trainer.fit(model, datamodule=digits())
+    steps = [s for s, _ in model.snapshots]
+    # Lightning runs EMA (a callback) before the module hook, so each snapshot already holds
+    # the update of the optimizer step that batch completed.
+    assert steps == [0, 1, 1, 2, 2, 3]
+    for (s0, w0), (s1, w1) in zip(model.snapshots, model.snapshots[1:], strict=False):
+        if s0 == s1:
+            assert torch.equal(w0, w1), "teacher moved on an accumulation micro-batch"
+        else:
+            assert not torch.equal(w0, w1), "teacher did not move after an optimizer step"
+
+
+def test_momentum_follows_schedule_and_is_logged() -> None:
+    torch.manual_seed(0)
+    model = small_byol(ema_momentum=0.9)
+    trainer = quiet_trainer(max_steps=4, limit_val_batches=0)
+    trainer.fit(model, datamodule=digits())
+    total = int(trainer.estimated_stepping_batches)
+    # the update after optimizer step k uses m_k; the last logged one is m_{K-1}
+    expected = cosine_to_one(trainer.global_step - 1, total, 0.9)
+    assert float(trainer.callback_metrics["train/ema_momentum"]) == pytest.approx(expected)
+
+
+def test_method_brings_ema_callback_once() -> None:
+    model = small_byol()
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[EMATeacher(0.5)])
+    trainer.fit(model, datamodule=digits())
+    emas = [c for c in trainer.callbacks if isinstance(c, EMATeacher)]
+    assert len(emas) == 1 and emas[0].base_momentum == 0.5
+
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0)
+    trainer.fit(small_byol(), datamodule=digits())
+    assert sum(isinstance(c, EMATeacher) for c in trainer.callbacks) == 1

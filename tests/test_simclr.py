@@ -1,0 +1,93 @@
+"""SimCLR: NT-Xent against the official formula, the v2 head, and lightly's view recipe."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightly.loss import NTXentLoss
+from lightly.transforms import SimCLRTransform
+from torch import nn
+from torchvision import transforms as T
+
+from sslzoo.methods.simclr import SimCLR, SimCLRProjectionHead, nt_xent_loss
+from tests.conftest import TINY_RESNET
+
+
+def reference_nt_xent(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:
+    """tf2 add_contrastive_loss written out per sample: loss_a + loss_b, each a batch mean."""
+    a, b = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    n = len(a)
+    total = 0.0
+    for anchors, others_same, others_cross in ((a, a, b), (b, b, a)):
+        direction = 0.0
+        for i in range(n):
+            positive = math.exp(float(anchors[i] @ others_cross[i]) / t)
+            denominator = sum(math.exp(float(anchors[i] @ others_cross[j]) / t) for j in range(n))
+            denominator += sum(
+                math.exp(float(anchors[i] @ others_same[j]) / t) for j in range(n) if j != i
+            )
+            direction += -math.log(positive / denominator)
+        total += direction / n
+    return total
+
+
+def test_nt_xent_matches_official_formula() -> None:
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(6, 5), torch.randn(6, 5)
+    for t in (0.1, 0.5):
+        assert math.isclose(
+            float(nt_xent_loss(z1, z2, t)), reference_nt_xent(z1, z2, t), rel_tol=1e-5
+        )
+
+
+def test_nt_xent_is_twice_lightlys_mean() -> None:
+    """lightly's NTXentLoss averages the two directions; the official loss sums them. The
+    factor matters for SGD/LARS on unadapted parameters, so we keep the official scale."""
+    torch.manual_seed(1)
+    z1, z2 = torch.randn(8, 4), torch.randn(8, 4)
+    ours = nt_xent_loss(z1, z2, 0.5)
+    assert torch.allclose(ours, 2 * NTXentLoss(temperature=0.5)(z1, z2), atol=1e-5)
+
+
+def test_projection_head_is_v2_layout() -> None:
+    head = SimCLRProjectionHead(32, 32, 8, num_layers=3)
+    linears = [m for m in head if isinstance(m, nn.Linear)]
+    bns = [m for m in head if isinstance(m, nn.BatchNorm1d)]
+    assert len(linears) == 3 and all(lin.bias is None for lin in linears)
+    assert len(bns) == 3 and sum(isinstance(m, nn.ReLU) for m in head) == 2
+    assert isinstance(head[-1], nn.BatchNorm1d)
+    assert head[-1].weight.requires_grad and not head[-1].bias.requires_grad
+    assert all(bn.bias.requires_grad for bn in bns[:-1])
+
+
+def test_lightly_view_recipe_matches_simclr() -> None:
+    """lightly's SimCLRTransform is the official recipe: crop (0.08, 1), colour jitter
+    (0.8s, 0.8s, 0.8s, 0.2s) with p=0.8 (torchvision's ColorJitter applies its four ops in a
+    random order, as SimCLR's ``color_jitter_rand`` does), grayscale 0.2, flip."""
+    model = SimCLR(**TINY_RESNET, proj_hidden_dim=16, sync_batchnorm=False)
+    views = model.view_transform(32, [0.5] * 3, [0.25] * 3)
+    assert isinstance(views, SimCLRTransform)
+    ops = views.transforms[0].transform.transforms
+    crop = next(o for o in ops if type(o).__name__ == "RandomResizedCrop")
+    assert crop.scale == (0.08, 1.0) and tuple(crop.size) == (32, 32)
+    jitter = next(o for o in ops if type(o).__name__ == "RandomApply")
+    cj = jitter.transforms[0]
+    assert jitter.p == 0.8 and type(cj).__name__ == "ColorJitter"
+    assert cj.brightness == pytest.approx((0.2, 1.8)) and cj.hue == pytest.approx((-0.2, 0.2))
+    gray = next(o for o in ops if type(o).__name__ == "RandomGrayscale")
+    assert gray.p == 0.2
+    out = views(T.functional.to_pil_image(torch.rand(3, 40, 40)))
+    assert len(out) == 2 and out[0].shape == (3, 32, 32)
+
+
+def test_training_step_returns_backbone_features() -> None:
+    torch.manual_seed(0)
+    model = SimCLR(**TINY_RESNET, proj_hidden_dim=16, proj_out_dim=8, sync_batchnorm=False)
+    x1, x2 = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    out = model.training_step(([x1, x2], torch.arange(4)), 0)
+    assert out["loss"].requires_grad
+    assert out["features"].shape == (4, model.backbone.num_features)
+    assert not out["features"].requires_grad
