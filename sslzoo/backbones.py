@@ -43,11 +43,8 @@ def _torchvision(name: str, cifar_stem: bool, kwargs: dict[str, Any]) -> Backbon
         layer = getattr(model, head, None)
         if layer is None:
             continue
-        if isinstance(layer, nn.Linear):
-            dim = layer.in_features
-        else:
-            dim = next(m for m in reversed(list(layer.modules())) if isinstance(m, nn.Linear))
-            dim = dim.in_features
+        # the whole head is removed, so the features are the input of its first Linear
+        dim = next(m for m in layer.modules() if isinstance(m, nn.Linear)).in_features
         setattr(model, head, nn.Identity())
         return Backbone(model, dim, name)
     raise ValueError(f"cannot find the classifier of torchvision model {name!r}")

@@ -1,0 +1,59 @@
+"""The command line: help from docstrings, names that exist, errors that say what to do."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sslzoo.cli import SSLZooCLI, main
+from tests.conftest import REPO
+
+
+def test_model_help_lists_recipe_with_docs(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", "BYOL"])
+    out = capsys.readouterr().out
+    for name, default in (
+        ("ema_momentum", "0.996"),
+        ("projector_hidden_dim", "4096"),
+        ("lr", "0.2"),
+    ):
+        assert f"--model.{name}" in out and default in out
+    assert "base EMA momentum" in out  # the docstring line
+
+
+def test_unknown_method_lists_valid_names(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        SSLZooCLI(args=["fit", "--model", "SimCRL", "--data", "DigitsDataModule"])
+    err = capsys.readouterr().err
+    assert "unknown model 'SimCRL'" in err and "SimCLR" in err and "BYOL" in err
+
+
+def test_unknown_data_lists_valid_names(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        SSLZooCLI(args=["fit", "--model", "SimCLR", "--data", "Cifar10"])
+    err = capsys.readouterr().err
+    assert "unknown data 'Cifar10'" in err and "CIFAR10DataModule" in err
+
+
+def test_missing_cifar_root_is_named(tmp_path: Path) -> None:
+    config = REPO / "configs" / "cifar10" / "simclr.yaml"
+    missing = tmp_path / "no-cifar-here"
+    with pytest.raises(FileNotFoundError, match="no-cifar-here"):
+        SSLZooCLI(
+            args=["fit", "--config", str(config), "--data.root", str(missing),
+                  "--trainer.default_root_dir", str(tmp_path / "run")]
+        )  # fmt: skip
+
+
+def test_python_dash_m_works() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sslzoo", "fit", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0 and "--model" in result.stdout

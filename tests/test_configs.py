@@ -1,0 +1,50 @@
+"""Every YAML in configs/ parses and instantiates its model, data and trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sslzoo.cli import SSLZooCLI
+from sslzoo.datamodules import SSLDataModule
+from sslzoo.methods import SSLMethod
+from tests.conftest import REPO
+
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+TRAINER_PRESETS = REPO / "configs" / "trainer"
+
+
+@pytest.fixture(scope="module")
+def labeled_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("folder")
+    for name in ("cat", "dog"):
+        (root / name).mkdir()
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(root / name / "0.jpg")
+    return root
+
+
+def data_args(config: Path, folder: Path) -> list[str]:
+    text = config.read_text()
+    if "ImageFolderDataModule" in text:
+        return ["--data.train_dir", str(folder), "--data.val_dir", str(folder)]
+    if "CIFAR" in text:
+        return ["--data.root", str(folder)]
+    return []
+
+
+@pytest.mark.parametrize(
+    "config",
+    [c for c in CONFIGS if c.parent != TRAINER_PRESETS],
+    ids=lambda p: str(p.relative_to(REPO / "configs")),
+)
+def test_config_instantiates(config: Path, labeled_folder: Path, tmp_path: Path) -> None:
+    cli = SSLZooCLI(
+        args=["--config", str(config), "--trainer.default_root_dir", str(tmp_path)]
+        + data_args(config, labeled_folder),
+        run=False,
+    )
+    assert isinstance(cli.model, SSLMethod)
+    assert isinstance(cli.datamodule, SSLDataModule)
+    assert cli.trainer.max_epochs and cli.trainer.max_epochs > 0
