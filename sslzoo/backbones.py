@@ -14,14 +14,15 @@ from torch import nn
 class Backbone(nn.Module):
     """A feature extractor: ``forward`` maps images to pooled features of size ``num_features``.
 
-    ``model`` is the wrapped network with its classifier removed; ``name`` is the factory name.
+    ``model`` is the wrapped network with its classifier removed. ``spec`` records how to
+    rebuild it without sslzoo: library, model name, constructor arguments, stem and head.
     """
 
-    def __init__(self, model: nn.Module, num_features: int, name: str) -> None:
+    def __init__(self, model: nn.Module, num_features: int, spec: dict[str, Any]) -> None:
         super().__init__()
         self.model = model
         self.num_features = num_features
-        self.name = name
+        self.spec = spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -46,7 +47,8 @@ def _torchvision(name: str, cifar_stem: bool, kwargs: dict[str, Any]) -> Backbon
         # the whole head is removed, so the features are the input of its first Linear
         dim = next(m for m in layer.modules() if isinstance(m, nn.Linear)).in_features
         setattr(model, head, nn.Identity())
-        return Backbone(model, dim, name)
+        spec = {"library": "torchvision", "name": name, "kwargs": kwargs, "head": head}
+        return Backbone(model, dim, {**spec, "cifar_stem": cifar_stem})
     raise ValueError(f"cannot find the classifier of torchvision model {name!r}")
 
 
@@ -57,7 +59,8 @@ def _timm(name: str, cifar_stem: bool, kwargs: dict[str, Any]) -> Backbone:
             raise ValueError(f"cifar_stem=True needs a ResNet-like model with conv1; got {name!r}")
         model.conv1 = _cifar_stem(model.conv1)
         model.maxpool = nn.Identity()
-    return Backbone(model, model.num_features, name)
+    spec = {"library": "timm", "name": name, "kwargs": {**kwargs, "num_classes": 0}}
+    return Backbone(model, model.num_features, {**spec, "head": None, "cifar_stem": cifar_stem})
 
 
 def build_backbone(

@@ -1,4 +1,5 @@
-"""Command line: ``sslzoo fit|validate|test --config ...`` (LightningCLI) and ``sslzoo quickstart``.
+"""Command line: ``sslzoo fit|validate|test --config ...`` (LightningCLI), and ``sslzoo
+quickstart``, ``sslzoo eval knn|linear``, ``sslzoo export``, ``sslzoo report``.
 
 Runs log to ``trainer.default_root_dir`` (``runs/<method>_<data>`` unless set): TensorBoard
 events, ``metrics.csv``, ``config.yaml`` and ``checkpoints/last.ckpt``, so
@@ -95,13 +96,22 @@ class SSLZooCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
 
+EXTRA_COMMANDS = {
+    "quickstart": ("sslzoo.quickstart", "main"),
+    "eval": ("sslzoo.eval", "run"),
+    "export": ("sslzoo.export", "main"),
+    "report": ("sslzoo.report", "main"),
+}
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``sslzoo`` command."""
     argv = sys.argv[1:] if args is None else args
-    if argv and argv[0] == "quickstart":
-        from sslzoo.quickstart import main as quickstart
+    if argv and argv[0] in EXTRA_COMMANDS:
+        import importlib
 
-        quickstart(argv[1:])
+        module, function = EXTRA_COMMANDS[argv[0]]
+        getattr(importlib.import_module(module), function)(argv[1:])
         return
     SSLZooCLI(args=args)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torchvision import transforms as T
 
 from sslzoo.methods.byol import BYOL, regression_loss
 from tests.conftest import TINY_RESNET

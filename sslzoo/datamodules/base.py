@@ -68,6 +68,7 @@ class SSLDataModule(L.LightningDataModule):
         pin_memory: bool = True,
     ) -> None:
         super().__init__()
+        self.save_hyperparameters()
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.image_size = image_size

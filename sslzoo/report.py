@@ -1,0 +1,79 @@
+"""``sslzoo report RUN_DIR... [--out report.png]``: one figure comparing runs: kNN and probe
+accuracy and training loss against epoch, one line per run (read from each ``metrics.csv``)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+PANELS = (
+    ("knn/val_top1", "kNN top-1 (val)"),
+    ("probe/val_top1", "online probe top-1 (val)"),
+    ("train/loss", "training loss"),
+)
+
+
+def read_metrics(run_dir: str | Path) -> dict[str, list[tuple[float, float]]]:
+    """metric -> [(epoch, value)], from a run's ``metrics.csv``; per-step values are averaged
+    per epoch."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics.csv in {str(run_dir)!r} (is it an sslzoo run dir?)")
+    sums: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            epoch = row.get("epoch")
+            if not epoch:
+                continue
+            for name, value in row.items():
+                if name not in ("epoch", "step") and value not in ("", None):
+                    sums[name][float(epoch)].append(float(value))
+    return {
+        name: sorted((e, sum(v) / len(v)) for e, v in by_epoch.items())
+        for name, by_epoch in sums.items()
+    }
+
+
+def make_figure(run_dirs: list[str]):
+    """A matplotlib figure with one panel per metric and one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4))
+    for run in run_dirs:
+        metrics = read_metrics(run)
+        label = Path(run).resolve().name
+        for ax, (name, _) in zip(axes, PANELS, strict=True):
+            if name in metrics:
+                epochs, values = zip(*metrics[name], strict=True)
+                ax.plot(epochs, values, marker="o" if len(epochs) < 30 else None, label=label)
+    for ax, (_, title) in zip(axes, PANELS, strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_runs(run_dirs: list[str], out: str | Path) -> Path:
+    """Write the comparison figure to ``out`` and return its path."""
+    import matplotlib.pyplot as plt
+
+    fig = make_figure(run_dirs)
+    out = Path(out)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="sslzoo report", description=__doc__)
+    parser.add_argument("runs", nargs="+", help="run directories (trainer.default_root_dir)")
+    parser.add_argument("--out", default="report.png", help="PNG to write")
+    args = parser.parse_args(argv)
+    print(f"wrote {plot_runs(args.runs, args.out)}")
