@@ -48,3 +48,18 @@ def test_config_instantiates(config: Path, labeled_folder: Path, tmp_path: Path)
     assert isinstance(cli.model, SSLMethod)
     assert isinstance(cli.datamodule, SSLDataModule)
     assert cli.trainer.max_epochs and cli.trainer.max_epochs > 0
+
+
+@pytest.mark.parametrize("preset", ["ddp", "fsdp"])
+def test_trainer_presets_compose_with_method_configs(
+    preset: str, capsys: pytest.CaptureFixture
+) -> None:
+    from sslzoo.cli import main
+
+    method = REPO / "configs" / "cifar10" / "simclr.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(method), "--config", str(TRAINER_PRESETS / f"{preset}.yaml"),
+              "--data.root", "/data/cifar10", "--print_config"])  # fmt: skip
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert f"{preset.upper()}Strategy" in printed and "sslzoo.methods.SimCLR" in printed

@@ -27,6 +27,7 @@ from sslzoo.methods.schedules import warmup_cosine
 
 ViewTransform = Callable[[Image.Image], list[torch.Tensor]]
 LRScaling = Literal["linear", "sqrt", "none"]
+NONFINITE_CHECK_EVERY = 25  # training batches between checks for a non-finite loss
 
 
 def embedding_std(z: torch.Tensor) -> torch.Tensor:
@@ -123,6 +124,9 @@ class SSLMethod(L.LightningModule):
             backbone, cifar_stem=cifar_stem, **(backbone_kwargs or {})
         )
         self._steps_per_epoch: int | None = None
+        # first optimizer step with a non-finite loss, -1 if none: kept on the device so the
+        # training step never waits for the host
+        self.register_buffer("_first_nonfinite_step", torch.tensor(-1), persistent=False)
 
     # ----------------------------------------------------------------- method contract
     def view_transform(
@@ -163,9 +167,32 @@ class SSLMethod(L.LightningModule):
         labels: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         """Log the dashboard metrics and hand detached features to the probe callback."""
+        first = self._first_nonfinite_step
+        bad = ~torch.isfinite(loss.detach()) & (first < 0)
+        first.copy_(torch.where(bad, torch.full_like(first, self.global_step), first))
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/embedding_std", embedding_std(embeddings))
         return {"loss": loss, "features": features.detach(), "labels": labels}
+
+    def check_finite(self) -> None:
+        """Stop the run if any loss so far was NaN or infinite (one host sync)."""
+        step = int(self._first_nonfinite_step)
+        if step >= 0:
+            raise FloatingPointError(
+                f"{type(self).__name__}: non-finite loss at step {step}; training stopped. "
+                "Checkpoints written before that step are kept; no checkpoint is written now."
+            )
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if (batch_idx + 1) % NONFINITE_CHECK_EVERY == 0:
+            self.check_finite()
+
+    def on_validation_epoch_start(self) -> None:
+        self.check_finite()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to write weights trained through a non-finite loss."""
+        self.check_finite()
 
     @torch.no_grad()
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:
