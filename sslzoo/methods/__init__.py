@@ -2,6 +2,12 @@
 
 from sslzoo.methods.base import SSLMethod
 from sslzoo.methods.byol import BYOL
+from sslzoo.methods.dino import DINO
+from sslzoo.methods.ibot import IBOT
+from sslzoo.methods.mae import MAE
+from sslzoo.methods.mocov3 import MoCoV3
 from sslzoo.methods.simclr import SimCLR
+from sslzoo.methods.simsiam import SimSiam
+from sslzoo.methods.swav import SwAV
 
-__all__ = ["BYOL", "SSLMethod", "SimCLR"]
+__all__ = ["BYOL", "DINO", "IBOT", "MAE", "MoCoV3", "SSLMethod", "SimCLR", "SimSiam", "SwAV"]
