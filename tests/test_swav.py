@@ -377,7 +377,6 @@ def test_configs_instantiate(tmp_path: Path) -> None:
             "--data.train_dir", str(tmp_path / "train"),
             "--data.val_dir", str(tmp_path / "val"),
         ],
-        "tests/configs/real_data/swav.yaml": ["--data.root", str(tmp_path)],
     }  # fmt: skip
     clis = {}
     for config, extra in cases.items():
