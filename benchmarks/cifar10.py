@@ -57,7 +57,9 @@ def cpu_name() -> str:
     return f"CPU {model}, {torch.get_num_threads()} threads"
 
 
-def run_one(config: Path, data: str, epochs: int | None, seed: int, root: Path) -> dict:
+def run_one(
+    config: Path, data: str, epochs: int | None, seed: int, root: Path, overrides: list[str]
+) -> dict:
     """Pretrain one config and evaluate it; runs inside the child process."""
     import lightly
     import lightning
@@ -73,6 +75,9 @@ def run_one(config: Path, data: str, epochs: int | None, seed: int, root: Path) 
             "--trainer.default_root_dir", str(root)]  # fmt: skip
     if epochs:
         args += ["--trainer.max_epochs", str(epochs)]
+    for item in overrides:
+        key, _, value = item.partition("=")
+        args += [f"--{key}", value]
     cli = SSLZooCLI(args=args, run=False)
     model, dm, trainer = cli.model, cli.datamodule, cli.trainer
     throughput = Throughput()
@@ -110,6 +115,7 @@ def run_one(config: Path, data: str, epochs: int | None, seed: int, root: Path) 
         "memory_kind": "GPU peak allocated" if cuda else "process peak RSS",
         "device": torch.cuda.get_device_name() if cuda else cpu_name(),
         "seed": seed,
+        "overrides": overrides,
         "versions": {
             "sslzoo": sslzoo.__version__,
             "torch": torch.__version__,
@@ -157,6 +163,13 @@ def main() -> None:
     )
     parser.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every run, e.g. data.device_augment=true (repeatable)",
+    )
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--single", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -165,7 +178,7 @@ def main() -> None:
 
     if args.single:
         config = Path(args.single)
-        result = run_one(config, args.data, args.epochs, args.seed, runs / config.stem)
+        result = run_one(config, args.data, args.epochs, args.seed, runs / config.stem, args.set)
         (runs / f"{config.stem}.json").write_text(json.dumps(result, indent=2))
         return
 
@@ -180,6 +193,7 @@ def main() -> None:
                str(args.seed), "--out", str(out), "--single", str(config)]  # fmt: skip
         if args.epochs:
             cmd += ["--epochs", str(args.epochs)]
+        cmd += [f"--set={item}" for item in args.set]
         if subprocess.run(cmd).returncode != 0:
             print(f"!! {config.stem} failed", flush=True)
             continue

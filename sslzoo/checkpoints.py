@@ -1,15 +1,68 @@
-"""Rebuild a method (and its datamodule) from a checkpoint written by ``sslzoo fit``."""
+"""Checkpoint files: written atomically during ``sslzoo fit``, and read back to rebuild a method
+(and its datamodule)."""
 
 from __future__ import annotations
 
 import importlib
+import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from sslzoo.datamodules import SSLDataModule
 from sslzoo.methods import SSLMethod
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    """Where :func:`write_atomic` writes ``path`` before renaming it: ``.<name>.partial`` beside
+    it (not a ``.ckpt`` name, so ``ckpt_path="last"`` never picks it)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.partial")
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """Write a file so that ``path`` only ever holds a complete version.
+
+    ``write`` fills a temporary file in the same directory, which is flushed, fsynced and then
+    renamed over ``path`` (``os.replace``, atomic on POSIX and Windows); the directory is fsynced
+    so the rename survives a power loss. A process killed at any point leaves either the old
+    file or the new one, plus at worst a stale ``.partial`` file that the next write replaces.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if os.name == "posix":
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``torch.save`` checkpoint IO, with local files written by
+    :func:`write_atomic`: a run killed while saving keeps its previous ``last.ckpt`` intact.
+    Remote paths (``s3://``...) use Lightning's own transactional write."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
+    ) -> None:
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        write_atomic(path, lambda f: torch.save(checkpoint, f))
 
 
 def _import(class_path: str) -> type:

@@ -3,7 +3,10 @@ quickstart``, ``sslzoo eval knn|linear``, ``sslzoo export``, ``sslzoo report``.
 
 Runs log to ``trainer.default_root_dir`` (``runs/<method>_<data>`` unless set): TensorBoard
 events, ``metrics.csv``, ``config.yaml`` and ``checkpoints/last.ckpt``, so
-``--ckpt_path last`` resumes the run in place.
+``--ckpt_path last`` resumes the run in place. ``last.ckpt`` is written at each epoch's end and,
+with ``--checkpoint_every_n_steps N``, every N optimizer steps too; always atomically (a kill
+while saving leaves the previous one intact). A run resumed from a mid-epoch checkpoint continues
+with the batches, augmentations and random draws an uninterrupted run would have used.
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import CheckpointIO
 
 import sslzoo.datamodules as datamodules
 import sslzoo.methods as methods
+from sslzoo.callbacks.batch_seed import BatchSeed
+from sslzoo.checkpoints import AtomicCheckpointIO
 from sslzoo.datamodules import SSLDataModule
 from sslzoo.methods import SSLMethod
 
@@ -35,9 +41,38 @@ def _class_name(value: Any) -> str | None:
     return path.rsplit(".", 1)[-1] if path else None
 
 
+def default_checkpoints(directory: Path, every_n_steps: int | None) -> list[ModelCheckpoint]:
+    """``last.ckpt`` (and the latest epoch's checkpoint) at each epoch's end; with
+    ``every_n_steps``, ``last.ckpt`` every that many optimizer steps as well (Lightning's
+    triggers are exclusive, hence two callbacks; both overwrite the one ``last.ckpt``)."""
+    if not every_n_steps:
+        return [ModelCheckpoint(dirpath=directory, save_last=True)]
+    return [
+        ModelCheckpoint(dirpath=directory, save_last=True, enable_version_counter=False),
+        ModelCheckpoint(
+            dirpath=directory,
+            save_top_k=0,
+            save_last=True,
+            every_n_train_steps=every_n_steps,
+            enable_version_counter=False,
+        ),
+    ]
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
 class SSLZooCLI(LightningCLI):
-    """LightningCLI with ``--model`` and ``--data`` in subclass mode, sslzoo's run layout, and
-    errors that list the valid method and dataset names."""
+    """LightningCLI with ``--model`` and ``--data`` in subclass mode, sslzoo's run layout and
+    resumable checkpoints, and errors that list the valid method and dataset names.
+
+    Unless the config sets its own: a ``ModelCheckpoint`` writing ``<root>/checkpoints/last.ckpt``
+    (every ``checkpoint_every_n_steps`` steps too, if set), the :class:`AtomicCheckpointIO`
+    plugin, and the :class:`~sslzoo.callbacks.BatchSeed` callback.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("subclass_mode_model", True)
@@ -45,6 +80,18 @@ class SSLZooCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(SSLMethod, SSLDataModule, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument(
+            "--checkpoint_every_n_steps",
+            type=int | None,
+            default=None,
+            help="Also write checkpoints/last.ckpt every N optimizer steps (mid-epoch "
+            "checkpoints; resume after a crash with --ckpt_path last).",
+        )
+
+    def _run_config(self) -> Any:
+        return self.config.get(self.subcommand, self.config) if self.subcommand else self.config
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         try:
@@ -71,7 +118,7 @@ class SSLZooCLI(LightningCLI):
                     )
 
     def before_instantiate_classes(self) -> None:
-        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        config = self._run_config()
         trainer = config.get("trainer")
         if trainer is not None and not trainer.get("default_root_dir"):
             method = (_class_name(config.get("model")) or "run").lower()
@@ -85,14 +132,28 @@ class SSLZooCLI(LightningCLI):
                 TensorBoardLogger(root, name="", version=""),
                 CSVLogger(root, name="", version=""),
             ]
-        configured = list(config.get("callbacks") or []) + list(callbacks)
+        configured = _as_list(config.get("callbacks")) + list(callbacks)
+        every = self._run_config().get("checkpoint_every_n_steps")
         if config.get("enable_checkpointing", True) is not False and not any(
             isinstance(c, ModelCheckpoint) for c in configured
         ):
-            callbacks = [
-                *callbacks,
-                ModelCheckpoint(dirpath=Path(root) / "checkpoints", save_last=True),
-            ]
+            callbacks = [*callbacks, *default_checkpoints(Path(root) / "checkpoints", every)]
+        elif every:
+            raise ValueError(
+                "checkpoint_every_n_steps configures the default checkpoints; with checkpointing "
+                "off or your own ModelCheckpoint, set its every_n_train_steps instead"
+            )
+        if not any(isinstance(c, BatchSeed) for c in configured):
+            callbacks = [BatchSeed(), *callbacks]
+        plugins = _as_list(config.get("plugins"))
+        strategy = config.get("strategy")
+        xla = "tpu" in str(config.get("accelerator")) or "xla" in str(strategy).lower()
+        if not (
+            xla
+            or any(isinstance(p, CheckpointIO) for p in plugins)
+            or getattr(strategy, "_checkpoint_io", None) is not None
+        ):
+            config["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super()._instantiate_trainer(config, callbacks)
 
 

@@ -7,7 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
 
+from sslzoo.callbacks import BatchSeed
+from sslzoo.checkpoints import AtomicCheckpointIO
 from sslzoo.cli import SSLZooCLI, main
 from tests.conftest import REPO
 
@@ -57,3 +60,34 @@ def test_python_dash_m_works() -> None:
         timeout=120,
     )
     assert result.returncode == 0 and "--model" in result.stdout
+
+
+def quickstart_cli(root: Path, *extra: str) -> SSLZooCLI:
+    config = REPO / "configs" / "quickstart" / "byol.yaml"
+    args = ["--config", str(config), "--trainer.default_root_dir", str(root), *extra]
+    return SSLZooCLI(args=args, run=False)
+
+
+def test_default_checkpoints_every_n_steps_atomic_with_batch_seeds(tmp_path: Path) -> None:
+    cli = quickstart_cli(tmp_path, "--checkpoint_every_n_steps", "5")
+    checkpoints = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    # one at epoch ends (last.ckpt and the latest epoch), one writing last.ckpt every 5 steps
+    triggers = sorted((c._every_n_train_steps, c._every_n_epochs) for c in checkpoints)
+    assert triggers == [(0, 1), (5, 0)]
+    assert {c.save_top_k for c in checkpoints if c._every_n_train_steps} == {0}
+    assert all(c.save_last and Path(c.dirpath) == tmp_path / "checkpoints" for c in checkpoints)
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert sum(isinstance(c, BatchSeed) for c in cli.trainer.callbacks) == 1
+
+    plain = quickstart_cli(tmp_path / "plain")
+    assert [
+        c._every_n_epochs for c in plain.trainer.callbacks if isinstance(c, ModelCheckpoint)
+    ] == [1]
+    assert isinstance(plain.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_every_n_steps_needs_the_default_checkpoints(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="every_n_train_steps"):
+        quickstart_cli(
+            tmp_path, "--checkpoint_every_n_steps", "5", "--trainer.enable_checkpointing", "false"
+        )

@@ -99,9 +99,10 @@ def test_ibot_loss_combines_cls_and_patch_terms_and_updates_both_centres() -> No
     masks = [torch.rand(3, 2, 2) < 0.5 for _ in range(2)]
     loss_cls, loss_patch = fn(s_cls, t_cls, s_patch, t_patch, masks, 0.04, 0.07)
     expected_cls = cross_view_loss(s_cls, [teacher_probs(t, c1, 0.04) for t in t_cls], 0.1)
-    expected_patch = sum(
-        reference_patch_loss(s_patch[q], t_patch[q], masks[q], c2, 0.1, 0.07) for q in range(2)
-    ) / 2  # the same view q for teacher and student
+    same_view = [
+        reference_patch_loss(s_patch[q], t_patch[q], masks[q], c2, 0.1, 0.07) for q in (0, 1)
+    ]
+    expected_patch = sum(same_view) / 2
     assert float(loss_cls) == pytest.approx(0.5 * float(expected_cls), rel=1e-5)
     assert float(loss_patch) == pytest.approx(2.0 * expected_patch, rel=1e-5)
     cls_mean = torch.cat(t_cls).mean(0, keepdim=True)

@@ -83,3 +83,32 @@ def test_monitor_agrees_with_offline_knn() -> None:
         offline = knn_accuracy(*bank, *val, k=k, temperature=t)
         assert float(trainer.callback_metrics[name]) == pytest.approx(offline, abs=1e-6)
     assert 0.0 <= float(trainer.callback_metrics["probe/val_top1"]) <= 1.0
+
+
+@pytest.mark.parametrize("shard", [0, 1])
+def test_bank_shards_run_as_many_forwards_as_rank_zero(monkeypatch, shard: int) -> None:
+    """Under sharding (FSDP) every forward is a collective: a rank whose share of the bank
+    needs fewer batches must still run as many forwards as rank 0, or training hangs."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import sslzoo.callbacks.knn as knn
+
+    monkeypatch.setattr(knn, "world_size", lambda: 2)
+    monkeypatch.setattr(knn, "rank", lambda: shard)
+    monkeypatch.setattr(knn, "gather_rows", lambda x: [x, x])  # stands in for all_gather
+    bank = TensorDataset(torch.randn(9, 4), torch.zeros(9, dtype=torch.long))
+    calls: list[int] = []
+
+    class Model:
+        device = torch.device("cpu")
+
+        def extract_features(self, images: torch.Tensor) -> torch.Tensor:
+            calls.append(len(images))
+            return images
+
+    KNNMonitor.build_bank(DataLoader(bank, batch_size=2), Model())
+    # rank 0 holds samples 0, 2, 4, 6, 8 (3 batches), rank 1 holds 1, 3, 5, 7 (2 batches and
+    # one dropped forward)
+    assert len(calls) == 3
+    own = len(range(shard, 9, 2))
+    assert sum(calls[: math.ceil(own / 2)]) == own

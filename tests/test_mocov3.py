@@ -208,20 +208,21 @@ def test_lightly_views_are_the_official_asymmetric_pair() -> None:
 
 
 class FixedBatch(Dataset):
-    """One batch of pre-augmented digit views, served as a single item list."""
+    """One batch of pre-augmented digit views, repeated ``steps`` times: one epoch."""
 
-    def __init__(self, transform, n: int = 32) -> None:
+    def __init__(self, transform, steps: int, n: int = 32) -> None:
         images, labels = load_digits_images(16)
         torch.manual_seed(0)
         np.random.seed(0)
         views = [transform(Image.fromarray(img)) for img in images[:n]]
         self.items = [(v, int(y)) for v, y in zip(views, labels[:n], strict=True)]
+        self.steps = steps
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.items) * self.steps
 
     def __getitem__(self, i: int):
-        return self.items[i]
+        return self.items[i % len(self.items)]
 
 
 class Recorder(L.Callback):
@@ -234,14 +235,18 @@ class Recorder(L.Callback):
         self.stds.append(float(trainer.callback_metrics["train/embedding_std"]))
 
 
+STEPS = 20
+
+
 def test_training_on_a_fixed_batch_lowers_the_loss_without_collapse() -> None:
     L.seed_everything(0)
     model = MoCoV3(**SMALL, moco_t=0.2, moco_m=0.9, optimizer="sgd", lr=0.4, warmup_epochs=0)
-    data = DataLoader(FixedBatch(model.view_transform(16, [0.5] * 3, [0.25] * 3)), batch_size=32)
+    views = model.view_transform(16, [0.5] * 3, [0.25] * 3)
+    data = DataLoader(FixedBatch(views, steps=STEPS), batch_size=32)
     recorder = Recorder()
     teacher_before = [p.clone() for p in model.momentum_projector.parameters()]
     trainer = L.Trainer(
-        max_steps=25, accelerator="cpu", logger=False, enable_checkpointing=False,
+        max_steps=STEPS, accelerator="cpu", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder],
     )  # fmt: skip
     trainer.fit(model, train_dataloaders=data)

@@ -66,3 +66,14 @@ def test_trained_beats_untrained(config: Path, cifar_root: str, tmp_path: Path) 
     _, before, after = train_and_compare(config, cifar_root, tmp_path)
     print(f"{config.stem}: {metric} untrained {before:.3f} -> trained {after:.3f}")
     assert after >= before + margin, f"{metric}: untrained {before:.3f}, trained {after:.3f}"
+
+
+def test_every_method_has_a_real_data_case() -> None:
+    import yaml
+
+    import sslzoo.methods as methods
+
+    covered = {
+        yaml.safe_load(c.read_text())["model"]["class_path"].rsplit(".", 1)[-1] for c in CONFIGS
+    }
+    assert covered == set(methods.__all__) - {"SSLMethod"}

@@ -140,20 +140,21 @@ def test_without_fix_pred_lr_every_group_follows_the_schedule() -> None:
 
 
 class FixedBatch(Dataset):
-    """One batch of pre-augmented digit views."""
+    """One batch of pre-augmented digit views, repeated ``steps`` times: one epoch."""
 
-    def __init__(self, transform, n: int = 32) -> None:
+    def __init__(self, transform, steps: int, n: int = 32) -> None:
         images, labels = load_digits_images(16)
         torch.manual_seed(0)
         np.random.seed(0)
         views = [transform(Image.fromarray(img)) for img in images[:n]]
         self.items = [(v, int(y)) for v, y in zip(views, labels[:n], strict=True)]
+        self.steps = steps
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.items) * self.steps
 
     def __getitem__(self, i: int):
-        return self.items[i]
+        return self.items[i % len(self.items)]
 
 
 class Recorder(L.Callback):
@@ -178,7 +179,8 @@ STEPS = 20
 def short_run() -> tuple[SimSiam, Recorder]:
     L.seed_everything(0)
     model = SimSiam(**SMALL, lr=0.2, weight_decay=5e-4)
-    data = DataLoader(FixedBatch(model.view_transform(16, [0.5] * 3, [0.25] * 3)), batch_size=32)
+    views = model.view_transform(16, [0.5] * 3, [0.25] * 3)
+    data = DataLoader(FixedBatch(views, steps=STEPS), batch_size=32)
     recorder = Recorder()
     trainer = L.Trainer(
         max_steps=STEPS, accelerator="cpu", logger=False, enable_checkpointing=False,

@@ -1,8 +1,9 @@
 """Callbacks shared by every method."""
 
+from sslzoo.callbacks.batch_seed import BatchSeed
 from sslzoo.callbacks.ema import EMATeacher
 from sslzoo.callbacks.knn import KNNMonitor
 from sslzoo.callbacks.online_probe import OnlineProbe
 from sslzoo.callbacks.throughput import Throughput
 
-__all__ = ["EMATeacher", "KNNMonitor", "OnlineProbe", "Throughput"]
+__all__ = ["BatchSeed", "EMATeacher", "KNNMonitor", "OnlineProbe", "Throughput"]

@@ -9,16 +9,27 @@ import torch
 from torch import nn
 
 from sslzoo.methods.schedules import cosine_to_one
+from sslzoo.sharding import local_tensor, reshard
 
 
 @torch.no_grad()
 def ema_update(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
     """teacher <- m * teacher + (1 - m) * student, over parameters, with fused foreach ops.
 
-    Buffers (BatchNorm statistics) stay the teacher's own, as in the official code.
+    Buffers (BatchNorm statistics) stay the teacher's own, as in the official code. Under FSDP2
+    the teacher is sharded like its student, so the update runs on this rank's local shards
+    (foreach ops take plain tensors), which is the unsharded update restricted to them.
     """
-    t_params = [p.data for p in teacher.parameters()]
-    s_params = [p.data for p in student.parameters()]
+    reshard(teacher)
+    reshard(student)
+    t_params = [local_tensor(p.data) for p in teacher.parameters()]
+    s_params = [local_tensor(p.data) for p in student.parameters()]
+    for t, s in zip(t_params, s_params, strict=True):
+        if t.shape != s.shape:
+            raise ValueError(
+                f"teacher shard {tuple(t.shape)} does not pair with student shard "
+                f"{tuple(s.shape)}: shard the teacher exactly like its student"
+            )
     torch._foreach_mul_(t_params, momentum)
     torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
 

@@ -6,8 +6,11 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from sslzoo.distributed import gather_rows, real_sample_count, val_sampler, world_size
 
 
 class OnlineProbe(L.Callback):
@@ -18,6 +21,12 @@ class OnlineProbe(L.Callback):
     labels (label < 0) are skipped. Logs ``probe/train_loss``, ``probe/train_top1`` and, on
     the validation set, ``probe/val_top1``. Its weights and optimizer state are saved in the
     checkpoint, so a resumed run continues exactly.
+
+    Under DDP every rank gathers the labeled features and labels of all ranks and trains its
+    copy of the probe on that global batch, starting from rank 0's initial weights: the
+    probes stay identical on every rank, and equal to a single-process probe on the same
+    global batch. The validation counts, without ``DistributedSampler`` padding, are summed
+    over ranks, so ``probe/val_top1`` covers the whole validation set on every rank.
 
     Args:
         num_classes: number of classes; ``None`` takes the datamodule's ``num_classes``.
@@ -36,6 +45,8 @@ class OnlineProbe(L.Callback):
         self._pending_state: dict[str, Any] | None = None
         self._correct = 0
         self._total = 0
+        self._seen: dict[int, int] = {}
+        self._validating = False
 
     def _ensure(self, pl_module: L.LightningModule, dim: int) -> nn.Module:
         if self.head is None:
@@ -44,6 +55,9 @@ class OnlineProbe(L.Callback):
                 nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes)
             )
             self.head.to(pl_module.device)
+            if world_size() > 1:  # every rank starts from rank 0's random init
+                for tensor in self.head.state_dict().values():
+                    dist.broadcast(tensor, src=0)
             self.optimizer = torch.optim.AdamW(
                 self.head.parameters(), lr=self.lr, weight_decay=self.weight_decay
             )
@@ -59,10 +73,10 @@ class OnlineProbe(L.Callback):
             return
         labels = outputs["labels"]
         keep = labels >= 0
-        if not bool(keep.any()):
+        features = torch.cat(gather_rows(outputs["features"].detach().float()[keep]))
+        labels = torch.cat(gather_rows(labels[keep]))
+        if not len(labels):
             return
-        features = outputs["features"].detach().float()[keep]
-        labels = labels[keep]
         head = self._ensure(pl_module, features.shape[1])
         head.train()
         with torch.enable_grad():
@@ -75,7 +89,8 @@ class OnlineProbe(L.Callback):
         pl_module.log("probe/train_top1", (logits.argmax(1) == labels).float().mean())
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._correct, self._total = 0, 0
+        self._correct, self._total, self._seen = 0, 0, {}
+        self._validating = self.head is not None and not trainer.sanity_checking
 
     def on_validation_batch_end(
         self,
@@ -86,15 +101,26 @@ class OnlineProbe(L.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self.head is None or trainer.sanity_checking:
+        if not self._validating:
+            return
+        seen = self._seen.get(dataloader_idx, 0)
+        self._seen[dataloader_idx] = seen + len(outputs["labels"])
+        real = real_sample_count(val_sampler(trainer, dataloader_idx), seen, len(outputs["labels"]))
+        if not real:
             return
         self.head.eval()
         with torch.no_grad():
-            pred = self.head(outputs["features"].float()).argmax(1)
-        self._correct += int((pred == outputs["labels"]).sum())
-        self._total += len(pred)
+            pred = self.head(outputs["features"][:real].float()).argmax(1)
+        self._correct += int((pred == outputs["labels"][:real]).sum())
+        self._total += real
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._validating:
+            return
+        if world_size() > 1:
+            counts = torch.tensor([self._correct, self._total], device=pl_module.device)
+            dist.all_reduce(counts)
+            self._correct, self._total = counts.tolist()
         if self._total:
             pl_module.log("probe/val_top1", self._correct / self._total)
 

@@ -4,40 +4,15 @@ labeled validation images. The view recipe comes from the method being trained."
 from __future__ import annotations
 
 import os
-import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import lightning as L
-import numpy as np
-import torch
 import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset
 
+from sslzoo.datamodules.epoch_loader import EpochSeededLoader
 from sslzoo.datamodules.images import Transform, collate_skip_none
-
-
-class EpochSeededLoader(DataLoader):
-    """A DataLoader that reseeds everything random about an epoch when the epoch's iterator is
-    created: the shuffle order, the worker seeds, and augmentation in the main process.
-
-    The seed is ``epoch_seed()``, a function of (global seed, epoch, rank), so an epoch of a
-    resumed run sees the same order and the same augmentations as in an uninterrupted run.
-    """
-
-    def __init__(self, *args: Any, epoch_seed: Callable[[], int], **kwargs: Any) -> None:
-        kwargs.setdefault("generator", torch.Generator())
-        super().__init__(*args, **kwargs)
-        self.epoch_seed = epoch_seed
-
-    def __iter__(self) -> Any:
-        seed = self.epoch_seed()
-        self.generator.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-        return super().__iter__()
 
 
 class SSLDataModule(L.LightningDataModule):
@@ -123,14 +98,17 @@ class SSLDataModule(L.LightningDataModule):
             persistent_workers=False,
         )
 
-    def epoch_seed(self) -> int:
-        """Seed of the current training epoch: a function of (global seed, epoch, rank)."""
+    def training_epoch(self) -> int:
+        """Index of the training epoch being (or about to be) trained."""
+        if self.trainer is None:
+            return 0
+        # the count Lightning gives samplers' set_epoch, read at the epoch's first batch: by
+        # then it is final, also right after a resume from any checkpoint
+        return self.trainer.fit_loop.epoch_progress.current.processed
+
+    def epoch_seed(self, epoch: int) -> int:
+        """Seed of a training epoch: a function of (global seed, epoch, rank)."""
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        epoch = 0
-        if self.trainer is not None:
-            # the count Lightning gives samplers' set_epoch: right after a resume from an
-            # end-of-epoch checkpoint it is already the new epoch, unlike current_epoch
-            epoch = self.trainer.fit_loop.epoch_progress.current.processed
         rank = self.trainer.global_rank if self.trainer is not None else 0
         return (seed * 1_000_003 + epoch * 1009 + rank) % 2**32
 
@@ -139,6 +117,7 @@ class SSLDataModule(L.LightningDataModule):
             raise RuntimeError("setup() has not built the training set (no method attached?)")
         return EpochSeededLoader(
             self.train_set,
+            current_epoch=self.training_epoch,
             epoch_seed=self.epoch_seed,
             batch_size=self.batch_size,
             shuffle=True,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from sslzoo.datamodules.base import SSLDataModule
+from sslzoo.datamodules.device_batches import DeviceBatches, UInt8Images
 from sslzoo.datamodules.images import (
     ImageArray,
     Transform,
@@ -27,13 +29,20 @@ HOW_TO_GET = (
 class CIFAR10DataModule(SSLDataModule):
     """CIFAR-10 (Krizhevsky 2009): 50,000 training and 10,000 test images of 32x32 pixels.
 
-    Images are decoded once and kept in memory as one uint8 array.
+    Images are decoded once and kept in memory as one uint8 array. With ``device_augment`` the
+    training images are copied once to the training device and each batch is cut there as
+    uint8 images; the method makes its views on the device (no worker processes, no PIL). The
+    kNN bank and validation images keep the usual evaluation transform.
 
     Args:
         root: torchvision CIFAR folder, an ImageFolder copy with ``train/`` and ``test/``, or a
             ``.tar.gz`` of that copy (unpacked once into ``~/.cache/sslzoo``).
         subset_per_class: keep at most this many images per class in each split (quick runs).
         subset_seed: seed of that choice.
+        device_augment: cut training batches on the device and augment them there with the
+            method's :meth:`~sslzoo.methods.base.SSLMethod.device_view_transform`.
+        compile_augment: with ``device_augment``, run the views through ``torch.compile``
+            (fuses their elementwise steps; compiling takes a while once per run).
     """
 
     num_classes = 10
@@ -51,11 +60,15 @@ class CIFAR10DataModule(SSLDataModule):
         subset_per_class: int | None = None,
         subset_seed: int = 0,
         pin_memory: bool = True,
+        device_augment: bool = False,
+        compile_augment: bool = False,
     ) -> None:
         super().__init__(batch_size, num_workers, image_size, 1.0, pin_memory)
         self.root = root
         self.subset_per_class = subset_per_class
         self.subset_seed = subset_seed
+        self.device_augment = device_augment
+        self.compile_augment = compile_augment
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def _missing(self, path: Path) -> FileNotFoundError:
@@ -103,11 +116,32 @@ class CIFAR10DataModule(SSLDataModule):
             self._arrays[split] = self._load_split(train=split == "train")
         return self._arrays[split]
 
+    def setup(self, stage: str) -> None:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if self.device_augment and module is not None:
+            if module.device_view_transform(self.image_size, self.mean, self.std) is None:
+                raise ValueError(
+                    f"{type(module).__name__} has no device views (device_view_transform); "
+                    "set device_augment: false for it"
+                )
+        super().setup(stage)
+
     def build_datasets(self, views: Transform | None, eval_transform: Transform) -> None:
         train, test = self.arrays("train"), self.arrays("test")
-        self.train_set = ImageArray(*train, transform=views)
+        if self.device_augment:
+            self.train_set = UInt8Images(*train)
+        else:
+            self.train_set = ImageArray(*train, transform=views)
         self.bank_set = ImageArray(*train, transform=eval_transform)
         self.val_set = ImageArray(*test, transform=eval_transform)
+
+    def train_dataloader(self) -> Any:
+        """With ``device_augment``: :class:`DeviceBatches` of uint8 images on the device."""
+        if not self.device_augment:
+            return super().train_dataloader()
+        if self.train_set is None:
+            raise RuntimeError("setup() has not built the training set")
+        return DeviceBatches(self.train_set, self.batch_size, self)
 
 
 class CIFAR100DataModule(CIFAR10DataModule):

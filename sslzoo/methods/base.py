@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import Any, Literal
@@ -26,6 +27,8 @@ from sslzoo.methods.optim import OptimizerName, build_optimizer, split_decay
 from sslzoo.methods.schedules import warmup_cosine
 
 ViewTransform = Callable[[Image.Image], list[torch.Tensor]]
+# SSLMethod's own on_after_batch_transfer (device views) is meant to run with any datamodule
+warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer` in `LightningM")
 LRScaling = Literal["linear", "sqrt", "none"]
 NONFINITE_CHECK_EVERY = 25  # training batches between checks for a non-finite loss
 
@@ -135,6 +138,57 @@ class SSLMethod(L.LightningModule):
         """The multi-view recipe: maps one PIL image to the list of augmented views."""
         raise NotImplementedError
 
+    def device_view_transform(
+        self, image_size: int, mean: Sequence[float], std: Sequence[float]
+    ) -> nn.Module | None:
+        """The same recipe on whole batches on the device (:mod:`sslzoo.augment`): maps a uint8
+        batch (N, 3, H, W) to the list of views, each image with its own parameters. None if
+        the method has none (then it trains only from per-image views)."""
+        return None
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """A batch of uint8 images (from a datamodule with ``device_augment``) becomes
+        ``(views, labels)`` here, on its device, so ``training_step`` is unchanged."""
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            return batch
+        images, labels = batch
+        if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8):
+            return batch
+        cache = getattr(self, "_device_views", None)  # a dict: not registered as a submodule
+        if cache is None or cache["device"] != images.device:
+            dm = self.trainer.datamodule if self._trainer is not None else None
+            if dm is None:
+                raise RuntimeError("uint8 batches need a datamodule giving image_size/mean/std")
+            views = self.device_view_transform(dm.image_size, dm.mean, dm.std)
+            if views is None:
+                raise ValueError(f"{type(self).__name__} has no device views for uint8 batches")
+            views = views.to(images.device)
+            if getattr(dm, "compile_augment", False):
+                views = torch.compile(views, fullgraph=True)
+            self._device_views = cache = {"device": images.device, "views": views}
+        if self._trainer is not None and self.trainer.training:
+            self._seed_device_augmentation(images.device)
+        return cache["views"](images), labels
+
+    def _seed_device_augmentation(self, device: torch.device) -> None:
+        """Seed ``device``'s generator from (global seed, epoch, batch index, rank), so the
+        views of a batch do not depend on what ran before it (a mid-epoch resume draws the
+        same views). Seeding is host-side state: no sync with the device."""
+        import os
+
+        import numpy as np
+
+        trainer = self.trainer
+        batch_idx = trainer.fit_loop.epoch_loop.batch_idx + 1  # the batch being transferred
+        key = [int(os.environ.get("PL_GLOBAL_SEED", 0)), trainer.current_epoch, batch_idx]
+        # the trailing 7 keeps these seeds apart from other per-batch seeds of the same key
+        seed = int(np.random.SeedSequence([*key, trainer.global_rank, 7]).generate_state(1)[0])
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            torch.cuda.default_generators[index].manual_seed(seed)
+        else:
+            torch.default_generator.manual_seed(seed)
+
     def teacher_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(student, teacher) module pairs updated by the EMA callback; none by default."""
         return []
@@ -216,9 +270,27 @@ class SSLMethod(L.LightningModule):
             return []
         return [EMATeacher()]
 
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy``, shard with FSDP2: one unit per block,
+        then one per top-level module, teachers exactly like their students
+        (:func:`sslzoo.sharding.shard_method`). Other strategies need nothing here."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        from sslzoo.sharding import ShardingConfig, check_precision, shard_method
+
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if not isinstance(strategy, ModelParallelStrategy):
+            return
+        check_precision(str(self.trainer.precision))
+        shard_method(self, self.device_mesh, getattr(strategy, "sharding_config", ShardingConfig()))
+
     def setup(self, stage: str) -> None:
+        """Synchronise BatchNorm over all ranks when asked to and training on several: torch's
+        SyncBatchNorm on CUDA, :class:`sslzoo.methods.sync_batchnorm.SyncBatchNorm` elsewhere."""
+        from sslzoo.methods.sync_batchnorm import convert_sync_batchnorm
+
         if self.settings.sync_batchnorm and self.trainer.world_size > 1:
-            nn.SyncBatchNorm.convert_sync_batchnorm(self)
+            convert_sync_batchnorm(self, device=self.trainer.strategy.root_device)
 
     # ----------------------------------------------------------------- optimisation
     @property

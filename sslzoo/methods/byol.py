@@ -8,16 +8,15 @@ after each step: target <- tau * target + (1 - tau) * online, tau -> 1 on a cosi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from lightly.models.modules.heads import BYOLPredictionHead, BYOLProjectionHead
-from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform
 from torch import nn
 
-from sslzoo.methods.base import LRScaling, SSLMethod, ViewTransform, frozen_copy
+from sslzoo.methods.base import LRScaling, SSLMethod, frozen_copy
+from sslzoo.methods.byol_views import BYOLPairViews
 from sslzoo.methods.optim import OptimizerName
 
 
@@ -26,7 +25,7 @@ def regression_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return (2 - 2 * F.cosine_similarity(p, z.detach(), dim=-1)).mean()
 
 
-class BYOL(SSLMethod):
+class BYOL(BYOLPairViews, SSLMethod):
     """BYOL with the official (deepmind-research/byol) defaults of the 1000-epoch config.
 
     The official presets by epochs are: lr {40: 0.45, 100: 0.45, 300: 0.3, 1000: 0.2} per 256,
@@ -113,26 +112,16 @@ class BYOL(SSLMethod):
     def teacher_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.target_backbone), (self.projector, self.target_projector)]
 
-    def view_transform(
-        self, image_size: int, mean: Sequence[float], std: Sequence[float]
-    ) -> ViewTransform:
+    def view_recipe(self, image_size: int) -> dict[str, Any]:
+        """The settings both views share, in lightly's ``BYOLView1Transform`` keywords."""
         hp = self.hparams
-        common = dict(
+        return dict(
             input_size=image_size,
             cj_prob=hp.color_jitter_prob,
             min_scale=hp.crop_min_scale,
             random_gray_scale=hp.grayscale_prob,
             sigmas=tuple(hp.blur_sigma),
             hf_prob=hp.hflip_prob,
-            normalize={"mean": list(mean), "std": list(std)},
-        )
-        return BYOLTransform(
-            view_1_transform=BYOLView1Transform(
-                gaussian_blur=hp.blur_prob[0], solarization_prob=hp.solarize_prob[0], **common
-            ),
-            view_2_transform=BYOLView2Transform(
-                gaussian_blur=hp.blur_prob[1], solarization_prob=hp.solarize_prob[1], **common
-            ),
         )
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:

@@ -238,9 +238,8 @@ class IBOTMaskGenerator:
         """A boolean (height, width) mask, True where the patch is masked."""
         high = self.sample_ratio() * height * width
         if self.pred_shape == "rand":
-            mask = np.hstack(
-                [np.zeros(height * width - int(high)), np.ones(int(high))]
-            ).astype(bool)
+            count = int(high)
+            mask = np.hstack([np.zeros(height * width - count), np.ones(count)]).astype(bool)
             np.random.shuffle(mask)
             return torch.from_numpy(mask.reshape(height, width))
         return torch.from_numpy(self._block_mask(height, width, high))
@@ -396,6 +395,10 @@ class IBOT(DINO):
         min_lr: learning rate at the end of the cosine.
         lars_trust_coefficient: LARS eta.
     """
+
+    # FSDP2: the ViT internals are called directly, not the backbone's forward, so backbones
+    # and heads are not units of their own (their blocks are); see sslzoo.sharding.shard_method
+    fsdp_units: tuple[str, ...] = ()
 
     def __init__(
         self,

@@ -92,6 +92,10 @@ class MAE(SSLMethod):
         min_lr: final learning rate.
     """
 
+    # FSDP2: the ViT internals are called directly, not the backbone's forward, so backbones
+    # and heads are not units of their own (their blocks are); see sslzoo.sharding.shard_method
+    fsdp_units: tuple[str, ...] = ()
+
     def __init__(
         self,
         mask_ratio: float = 0.75,

@@ -21,18 +21,17 @@ query, key and value weights separately with xavier-uniform; see :func:`moco_vit
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform
 from lightly.utils.dist import gather
 from lightning.pytorch.callbacks import Callback
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from sslzoo.methods.base import LRScaling, SSLMethod, ViewTransform, frozen_copy
+from sslzoo.methods.base import LRScaling, SSLMethod, frozen_copy
+from sslzoo.methods.byol_views import BYOLPairViews
 from sslzoo.methods.optim import OptimizerName
 
 
@@ -148,7 +147,7 @@ def moco_vit_setup(
         vit.pos_embed = nn.Parameter(table.to(vit.pos_embed.dtype), requires_grad=False)
 
 
-class MoCoV3(SSLMethod):
+class MoCoV3(BYOLPairViews, SSLMethod):
     """MoCo v3 with the official (facebookresearch/moco-v3) defaults of the ResNet-50 100-epoch
     recipe (CONFIG.md). For ViTs the official recipe is ``optimizer=adamw``, ``lr=1.5e-4``,
     ``weight_decay=0.1``, ``warmup_epochs=40``, 300 epochs, ``moco_t=0.2``,
@@ -287,12 +286,11 @@ class MoCoV3(SSLMethod):
                 callback.cosine = self.hparams.moco_m_cos
         return callbacks
 
-    def view_transform(
-        self, image_size: int, mean: Sequence[float], std: Sequence[float]
-    ) -> ViewTransform:
+    def view_recipe(self, image_size: int) -> dict[str, Any]:
+        """The settings both views share, in lightly's ``BYOLView1Transform`` keywords."""
         hp = self.hparams
         bright, contrast, sat, hue = hp.color_jitter
-        common = dict(
+        return dict(
             input_size=image_size,
             cj_prob=hp.color_jitter_prob,
             cj_strength=1.0,
@@ -304,15 +302,6 @@ class MoCoV3(SSLMethod):
             random_gray_scale=hp.grayscale_prob,
             sigmas=tuple(hp.blur_sigma),
             hf_prob=hp.hflip_prob,
-            normalize={"mean": list(mean), "std": list(std)},
-        )
-        return BYOLTransform(
-            view_1_transform=BYOLView1Transform(
-                gaussian_blur=hp.blur_prob[0], solarization_prob=hp.solarize_prob[0], **common
-            ),
-            view_2_transform=BYOLView2Transform(
-                gaussian_blur=hp.blur_prob[1], solarization_prob=hp.solarize_prob[1], **common
-            ),
         )
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:

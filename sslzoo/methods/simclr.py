@@ -18,6 +18,7 @@ from lightly.transforms import SimCLRTransform
 from lightly.utils.dist import gather
 from torch import nn
 
+from sslzoo.augment.views import simclr_views
 from sslzoo.methods.base import LRScaling, SSLMethod, ViewTransform
 from sslzoo.methods.optim import OptimizerName
 
@@ -157,11 +158,10 @@ class SimCLR(SSLMethod):
             dim, proj_hidden_dim or dim, proj_out_dim, num_proj_layers
         )
 
-    def view_transform(
-        self, image_size: int, mean: Sequence[float], std: Sequence[float]
-    ) -> ViewTransform:
+    def view_recipe(self, image_size: int) -> dict[str, Any]:
+        """The view settings, in lightly's ``SimCLRTransform`` keywords."""
         hp = self.hparams
-        return SimCLRTransform(
+        return dict(
             input_size=image_size,
             cj_prob=hp.color_jitter_prob,
             cj_strength=hp.color_jitter_strength,
@@ -170,8 +170,18 @@ class SimCLR(SSLMethod):
             gaussian_blur=hp.blur_prob,
             sigmas=tuple(hp.blur_sigma),
             hf_prob=hp.hflip_prob,
-            normalize={"mean": list(mean), "std": list(std)},
         )
+
+    def view_transform(
+        self, image_size: int, mean: Sequence[float], std: Sequence[float]
+    ) -> ViewTransform:
+        normalize = {"mean": list(mean), "std": list(std)}
+        return SimCLRTransform(normalize=normalize, **self.view_recipe(image_size))
+
+    def device_view_transform(
+        self, image_size: int, mean: Sequence[float], std: Sequence[float]
+    ) -> nn.Module:
+        return simclr_views(mean=mean, std=std, **self.view_recipe(image_size))
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         (x1, x2), labels = batch

@@ -22,6 +22,7 @@ from lightly.models.modules.heads import SimSiamPredictionHead
 from lightly.transforms import SimSiamTransform
 from torch import nn
 
+from sslzoo.augment.views import simsiam_views
 from sslzoo.methods.base import LRScaling, SSLMethod, ViewTransform
 from sslzoo.methods.optim import OptimizerName, split_decay
 
@@ -161,12 +162,11 @@ class SimSiam(SSLMethod):
                 g["fixed_lr"] = fixed
         return [g for g in groups if g["params"]]
 
-    def view_transform(
-        self, image_size: int, mean: Sequence[float], std: Sequence[float]
-    ) -> ViewTransform:
+    def view_recipe(self, image_size: int) -> dict[str, Any]:
+        """The view settings, in lightly's ``SimSiamTransform`` keywords."""
         hp = self.hparams
         bright, contrast, sat, hue = hp.color_jitter
-        return SimSiamTransform(
+        return dict(
             input_size=image_size,
             cj_prob=hp.color_jitter_prob,
             cj_strength=1.0,
@@ -179,8 +179,18 @@ class SimSiam(SSLMethod):
             gaussian_blur=hp.blur_prob,
             sigmas=tuple(hp.blur_sigma),
             hf_prob=hp.hflip_prob,
-            normalize={"mean": list(mean), "std": list(std)},
         )
+
+    def view_transform(
+        self, image_size: int, mean: Sequence[float], std: Sequence[float]
+    ) -> ViewTransform:
+        normalize = {"mean": list(mean), "std": list(std)}
+        return SimSiamTransform(normalize=normalize, **self.view_recipe(image_size))
+
+    def device_view_transform(
+        self, image_size: int, mean: Sequence[float], std: Sequence[float]
+    ) -> nn.Module:
+        return simsiam_views(mean=mean, std=std, **self.view_recipe(image_size))
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         (x1, x2), labels = batch

@@ -31,6 +31,7 @@ from torch import nn
 
 from sslzoo.methods.base import LRScaling, SSLMethod, ViewTransform, forward_multicrop
 from sslzoo.methods.optim import OptimizerName
+from sslzoo.sharding import full_tensor
 
 
 def _distributed() -> bool:
@@ -323,7 +324,8 @@ class SwAV(SSLMethod):
             return None
         scores = None
         if not torch.all(queue[:, -1] == 0):
-            scores = [queue[i] @ self.prototypes.weight.t() for i in range(len(queue))]
+            weight = full_tensor(self.prototypes.weight).to(queue.dtype)  # gathered if sharded
+            scores = [queue[i] @ weight.t() for i in range(len(queue))]
         for i, crop_id in enumerate(self.hparams.crops_for_assign):
             queue[i, batch:] = queue[i, :-batch].clone()
             queue[i, :batch] = embeddings[crop_id]

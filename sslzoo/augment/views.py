@@ -1,0 +1,248 @@
+"""Multi-view augmentation of whole batches on their device, with per-sample parameters.
+
+:class:`DeviceViews` maps a batch of images (uint8, or float in [0, 1]) to the list of augmented
+views of a recipe. Every image of every view draws its own crop, flip, jitter factors and order,
+grayscale, blur and solarisation, unlike a torchvision v2 transform applied to a batch, which
+draws one set for the whole batch. The steps and their order are those of lightly's view
+transforms: random resized crop, horizontal flip, colour jitter (random order) with probability,
+grayscale, Gaussian blur, solarisation, normalisation.
+
+The constructors :func:`simclr_views`, :func:`byol_views` and :func:`simsiam_views` take the
+keyword arguments of lightly's ``SimCLRTransform``, ``BYOLTransform`` views and
+``SimSiamTransform`` with the same defaults.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sslzoo.augment import ops
+from sslzoo.augment.params import bernoulli, crop_boxes, jitter_params, jitter_ranges, uniform
+
+PIL_SOLARIZE_THRESHOLD = 128 / 255  # PIL's ImageOps.solarize inverts uint8 values >= 128
+
+
+@dataclass(frozen=True)
+class ViewRecipe:
+    """The augmentation of one view.
+
+    Args:
+        size: output side (or (height, width)).
+        scale: area fraction range of the random resized crop.
+        ratio: aspect ratio range of the crop (log-uniform).
+        hflip_prob: probability of a horizontal flip.
+        jitter: colour jitter strengths (brightness, contrast, saturation, hue).
+        jitter_prob: probability of colour jitter.
+        grayscale_prob: probability of grayscale.
+        blur_prob: probability of Gaussian blur.
+        blur_sigma: range of the blur sigma (uniform).
+        blur_kernel_size: odd blur kernel side; ``None``: 2 ceil(3 sigma_max) + 1, the support
+            of PIL's blur used by lightly, capped so reflect padding fits the image.
+        solarize_prob: probability of solarisation.
+        solarize_threshold: pixels at or above it are inverted (PIL's 128 of 255 by default).
+        mean: per-channel normalisation mean.
+        std: per-channel normalisation std.
+    """
+
+    size: int | tuple[int, int]
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip_prob: float = 0.5
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_kernel_size: int | None = None
+    solarize_prob: float = 0.0
+    solarize_threshold: float = PIL_SOLARIZE_THRESHOLD
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        return (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
+
+    def kernel_size(self, height: int, width: int) -> int:
+        """The blur kernel side for images of this size."""
+        k = self.blur_kernel_size or 2 * math.ceil(3 * self.blur_sigma[1]) + 1
+        return min(k, 2 * min(height, width) - 1)
+
+
+class DeviceViews(nn.Module):
+    """Augmented views of a batch, computed on the batch's device.
+
+    ``forward(images)`` takes (N, 3, H, W) uint8 images (or float in [0, 1]) and returns one
+    float32 tensor (N, 3, size, size) per recipe, normalised. Nothing is read back to the host.
+    """
+
+    def __init__(self, recipes: Sequence[ViewRecipe]) -> None:
+        super().__init__()
+        self.recipes = list(recipes)
+        ranges = [jitter_ranges(*r.jitter) for r in self.recipes]
+        low = torch.tensor([[lo for lo, _ in rs] for rs in ranges])
+        high = torch.tensor([[hi for _, hi in rs] for rs in ranges])
+        # on the device with the module, so no step copies parameters from the host
+        self.register_buffer("jitter_low", low, persistent=False)
+        self.register_buffer("jitter_high", high, persistent=False)
+        self.register_buffer("mean", torch.tensor([r.mean for r in self.recipes]), False)
+        self.register_buffer("std", torch.tensor([r.std for r in self.recipes]), False)
+
+    def extra_repr(self) -> str:
+        return "\n".join(repr(r) for r in self.recipes)
+
+    @torch.no_grad()
+    def forward(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> list[torch.Tensor]:
+        x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+        with torch.autocast(x.device.type, enabled=False):  # float32 even inside autocast
+            return [self.view(x, i, generator) for i in range(len(self.recipes))]
+
+    def view(
+        self, x: torch.Tensor, index: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """View ``index`` of float images ``x`` in [0, 1]."""
+        r = self.recipes[index]
+        n, _, height, width = x.shape
+        dev = x.device
+        box = crop_boxes(n, height, width, r.scale, r.ratio, dev, generator)
+        flip = bernoulli(n, r.hflip_prob, dev, generator)
+        v = ops.resized_crop(x, box.top, box.left, box.height, box.width, r.out_size, flip)
+        if r.jitter_prob > 0 and any(r.jitter):
+            apply = bernoulli(n, r.jitter_prob, dev, generator)
+            factors, order = jitter_params(
+                n, self.jitter_low[index], self.jitter_high[index], generator
+            )
+            v = ops.color_jitter(v, factors, order, apply, use_hue=r.jitter[3] > 0)
+        if r.grayscale_prob > 0:
+            v = ops.grayscale(v, bernoulli(n, r.grayscale_prob, dev, generator))
+        if r.blur_prob > 0:
+            apply = bernoulli(n, r.blur_prob, dev, generator)
+            sigma = uniform(n, r.blur_sigma[0], r.blur_sigma[1], dev, generator)
+            blurred = ops.gaussian_blur(v, sigma, r.kernel_size(*v.shape[-2:]))
+            v = torch.where(apply[:, None, None, None], blurred, v)
+        if r.solarize_prob > 0:
+            apply = bernoulli(n, r.solarize_prob, dev, generator)
+            v = ops.solarize(v, apply, r.solarize_threshold)
+        return ops.normalize(v, self.mean[index], self.std[index])
+
+
+def _lightly_view(
+    input_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    cj_prob: float,
+    cj_strength: float,
+    jitter: tuple[float, float, float, float],
+    min_scale: float,
+    random_gray_scale: float,
+    gaussian_blur: float,
+    sigmas: tuple[float, float],
+    hf_prob: float,
+    solarization_prob: float = 0.0,
+) -> ViewRecipe:
+    """One view of lightly's recipes: jitter strengths are ``cj_strength x jitter``."""
+    return ViewRecipe(
+        size=input_size,
+        scale=(min_scale, 1.0),
+        hflip_prob=hf_prob,
+        jitter=tuple(cj_strength * j for j in jitter),
+        jitter_prob=cj_prob,
+        grayscale_prob=random_gray_scale,
+        blur_prob=gaussian_blur,
+        blur_sigma=tuple(sigmas),
+        solarize_prob=solarization_prob,
+        mean=tuple(mean),
+        std=tuple(std),
+    )
+
+
+def simclr_views(
+    input_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    cj_prob: float = 0.8,
+    cj_strength: float = 1.0,
+    cj_bright: float = 0.8,
+    cj_contrast: float = 0.8,
+    cj_sat: float = 0.8,
+    cj_hue: float = 0.2,
+    min_scale: float = 0.08,
+    random_gray_scale: float = 0.2,
+    gaussian_blur: float = 0.5,
+    sigmas: tuple[float, float] = (0.1, 2.0),
+    hf_prob: float = 0.5,
+) -> DeviceViews:
+    """Two views as lightly's ``SimCLRTransform``."""
+    view = _lightly_view(
+        input_size, mean, std, cj_prob, cj_strength, (cj_bright, cj_contrast, cj_sat, cj_hue),
+        min_scale, random_gray_scale, gaussian_blur, sigmas, hf_prob,
+    )  # fmt: skip
+    return DeviceViews([view, view])
+
+
+def byol_views(
+    input_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    cj_prob: float = 0.8,
+    cj_strength: float = 1.0,
+    cj_bright: float = 0.4,
+    cj_contrast: float = 0.4,
+    cj_sat: float = 0.2,
+    cj_hue: float = 0.1,
+    min_scale: float = 0.08,
+    random_gray_scale: float = 0.2,
+    gaussian_blur: tuple[float, float] = (1.0, 0.1),
+    solarization_prob: tuple[float, float] = (0.0, 0.2),
+    sigmas: tuple[float, float] = (0.1, 2.0),
+    hf_prob: float = 0.5,
+) -> DeviceViews:
+    """The asymmetric pair of lightly's ``BYOLView1Transform`` and ``BYOLView2Transform``
+    (blur 1.0 / 0.1, solarisation 0 / 0.2); MoCo v3 uses it with its own jitter."""
+    common = dict(
+        input_size=input_size,
+        mean=mean,
+        std=std,
+        cj_prob=cj_prob,
+        cj_strength=cj_strength,
+        jitter=(cj_bright, cj_contrast, cj_sat, cj_hue),
+        min_scale=min_scale,
+        random_gray_scale=random_gray_scale,
+        sigmas=sigmas,
+        hf_prob=hf_prob,
+    )
+    pairs = zip(gaussian_blur, solarization_prob, strict=True)
+    return DeviceViews(
+        [_lightly_view(gaussian_blur=b, solarization_prob=s, **common) for b, s in pairs]
+    )
+
+
+def simsiam_views(
+    input_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    cj_prob: float = 0.8,
+    cj_strength: float = 1.0,
+    cj_bright: float = 0.4,
+    cj_contrast: float = 0.4,
+    cj_sat: float = 0.4,
+    cj_hue: float = 0.1,
+    min_scale: float = 0.2,
+    random_gray_scale: float = 0.2,
+    gaussian_blur: float = 0.5,
+    sigmas: tuple[float, float] = (0.1, 2.0),
+    hf_prob: float = 0.5,
+) -> DeviceViews:
+    """Two views as lightly's ``SimSiamTransform``."""
+    view = _lightly_view(
+        input_size, mean, std, cj_prob, cj_strength, (cj_bright, cj_contrast, cj_sat, cj_hue),
+        min_scale, random_gray_scale, gaussian_blur, sigmas, hf_prob,
+    )  # fmt: skip
+    return DeviceViews([view, view])

@@ -1,0 +1,96 @@
+"""Training batches of in-memory uint8 images cut on the training device: no worker processes,
+no PIL. The method turns each uint8 batch into its views on the device
+(:meth:`sslzoo.methods.base.SSLMethod.on_after_batch_transfer`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+class UInt8Images(Dataset):
+    """Images held as one uint8 tensor (N, 3, H, W); items are ``(image, label)`` with the image
+    a uint8 CHW tensor."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"expected uint8 images of shape (N, H, W, 3), got {images.shape}")
+        self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+
+class DeviceBatches:
+    """Shuffled training batches ``(uint8 images (B, 3, H, W), labels (B,))`` on the device.
+
+    The images are copied to the training device once; an epoch is one random permutation
+    (seeded by the global seed and the epoch, the same on every rank) of which rank r takes
+    every world-size-th index, cut into full batches with ``index_select`` on the device.
+    ``state_dict``/``load_state_dict`` resume mid-epoch at the next batch. (The method seeds
+    the augmentation of each batch itself: see ``SSLMethod.on_after_batch_transfer``.)
+
+    Args:
+        dataset: the training images.
+        batch_size: images per batch and device; the last incomplete batch is dropped.
+        datamodule: gives the trainer (device, rank, world size) and the training epoch.
+    """
+
+    def __init__(self, dataset: UInt8Images, batch_size: int, datamodule: Any) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.datamodule = datamodule
+        self._on_device: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._epoch = -1
+        self._position = 0
+        self._resume: dict[str, int] | None = None
+
+    def _context(self) -> tuple[torch.device, int, int]:
+        trainer = self.datamodule.trainer
+        if trainer is None:
+            return torch.device("cpu"), 0, 1
+        return trainer.strategy.root_device, trainer.global_rank, trainer.world_size
+
+    def __len__(self) -> int:
+        _, _, world = self._context()
+        return len(self.dataset) // world // self.batch_size
+
+    def _tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._on_device is None or self._on_device[0].device != device:
+            ds = self.dataset
+            self._on_device = (ds.images.to(device), ds.labels.to(device))
+        return self._on_device
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        device, rank, world = self._context()
+        images, labels = self._tensors(device)
+        epoch = self.datamodule.training_epoch()
+        shuffle_seed = (int(os.environ.get("PL_GLOBAL_SEED", 0)) * 1_000_003 + epoch) % 2**63
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(shuffle_seed))
+        per_rank = len(images) // world
+        order = order[rank : per_rank * world : world].to(device)
+        start = 0
+        if self._resume is not None and self._resume["epoch"] == epoch:
+            start = self._resume["batches"]
+        self._resume, self._epoch = None, epoch
+        for b in range(start, len(self)):
+            self._position = b + 1
+            index = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield images.index_select(0, index), labels.index_select(0, index)
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch": e, "batches": consumed}`` of the current epoch."""
+        return {"epoch": self._epoch, "batches": self._position}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Resume the next epoch at ``state_dict``'s batch if it is the same epoch."""
+        self._resume = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"])}

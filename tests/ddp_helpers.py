@@ -1,0 +1,298 @@
+"""A 2-process gloo harness for the DDP tests: fixed pre-computed views, tiny methods, and one
+spawned job that runs every distributed check and writes each rank's results to disk.
+
+The two processes are started once with ``torch.multiprocessing`` and run Lightning's own
+``ddp`` strategy as externally launched ranks (``LOCAL_RANK`` set), one ``Trainer.fit`` per
+method: the DistributedSampler, DDP gradient averaging and the methods' collectives are
+Lightning's and the methods', but the interpreter start-up (several seconds per process) is
+paid once instead of once per method as with ``strategy="ddp_spawn"``.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from sslzoo.callbacks import KNNMonitor, OnlineProbe
+from sslzoo.methods.base import SSLMethod
+from sslzoo.methods.dino import DINO
+from sslzoo.methods.mocov3 import MoCoV3
+from sslzoo.methods.simclr import SimCLR
+from sslzoo.methods.swav import SwAV
+from sslzoo.methods.sync_batchnorm import SyncBatchNorm
+from tests.conftest import TINY_RESNET
+
+WORLD = 2
+GLOBAL_BATCH = 8  # images per optimizer step: 2 ranks x 4, or 1 process x 8
+STEPS = 3
+NUM_CLASSES = 3
+BANK_SIZE = 20
+VAL_SIZE = 13  # odd: DistributedSampler pads rank 1's validation shard with a repeat
+METHODS = ("simclr", "mocov3", "swav", "dino")
+IMAGE, SMALL = 16, 8
+
+TINY_VIT = {
+    "backbone": "vit_tiny_patch16_224",
+    "backbone_kwargs": {"img_size": IMAGE, "patch_size": 4, "depth": 2, "embed_dim": 32,
+                        "num_heads": 2},
+}  # fmt: skip
+
+
+def build_method(name: str) -> SSLMethod:
+    """A tiny method with the recipe's losses and collectives, seeded so every process starts
+    from the same weights, with nothing random in its step (no drop-path).
+
+    The optimiser is SGD for all four, with no warmup: it is a per-parameter function of the
+    averaged gradient like LARS and AdamW, but AdamW's first step is lr x sign(g), which
+    blows float32 noise on gradients that are zero in exact arithmetic (the attention's key
+    bias) up to +-lr and would hide real differences."""
+    torch.manual_seed(0)
+    common = {"optimizer": "sgd", "lr": 0.1, "lr_scaling": "none", "warmup_epochs": 0.0}
+    if name == "simclr":
+        return SimCLR(**TINY_RESNET, **common, proj_hidden_dim=16, proj_out_dim=8,
+                      temperature=0.5, sync_batchnorm=True)  # fmt: skip
+    if name == "mocov3":
+        return MoCoV3(**TINY_RESNET, **common, moco_dim=8, moco_mlp_dim=16, moco_m=0.9,
+                      sync_batchnorm=True)  # fmt: skip
+    if name == "swav":
+        # the queue holds two global batches, so it is full and used from the third step on
+        return SwAV(**TINY_RESNET, **common, nmb_crops=(2, 2), size_crops=(IMAGE, SMALL),
+                    feat_dim=8, hidden_mlp=16, nmb_prototypes=10, freeze_prototypes_niters=0,
+                    queue_length=2 * GLOBAL_BATCH, epoch_queue_starts=0,
+                    sync_batchnorm=True)  # fmt: skip
+    if name == "dino":
+        return DINO(**TINY_VIT, out_dim=16, hidden_dim=16, bottleneck_dim=8,
+                    drop_path_rate=0.0, local_crops_number=2, local_crop_size=SMALL,
+                    freeze_last_layer=0, momentum_teacher=0.9, sync_batchnorm=True,
+                    **common)  # fmt: skip
+    raise ValueError(name)
+
+
+def view_sizes(name: str) -> list[int]:
+    """Side of every view: 2 views for SimCLR and MoCo v3, 2 global + 2 small for the
+    multi-crop methods."""
+    return [IMAGE, IMAGE] if name in ("simclr", "mocov3") else [IMAGE, IMAGE, SMALL, SMALL]
+
+
+class Views(Dataset):
+    """Fixed views: item i is ([view_0[i], view_1[i], ...], label[i])."""
+
+    def __init__(self, views: list[torch.Tensor], labels: torch.Tensor) -> None:
+        self.views, self.labels = views, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        return [v[i] for v in self.views], self.labels[i]
+
+
+class Images(Dataset):
+    """Fixed labeled images for the kNN bank and the validation set."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[i], self.labels[i]
+
+
+class ViewsDataModule(L.LightningDataModule):
+    """Pre-computed views, never shuffled and never augmented: under DDP rank r reads items
+    r, r + 2, ..., so the two ranks' batches of step s are together the single process's
+    batch s (items 8s .. 8s + 7)."""
+
+    num_classes = NUM_CLASSES
+
+    def __init__(self, name: str, batch_size: int) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        g = torch.Generator().manual_seed(1)
+        n = GLOBAL_BATCH * STEPS
+        views = [torch.randn(n, 3, s, s, generator=g) for s in view_sizes(name)]
+        self.train_set = Views(views, torch.randint(0, NUM_CLASSES, (n,), generator=g))
+        self.bank_set = Images(
+            torch.randn(BANK_SIZE, 3, IMAGE, IMAGE, generator=g),
+            torch.randint(0, NUM_CLASSES, (BANK_SIZE,), generator=g),
+        )
+        self.val_set = Images(
+            torch.randn(VAL_SIZE, 3, IMAGE, IMAGE, generator=g),
+            torch.randint(0, NUM_CLASSES, (VAL_SIZE,), generator=g),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        # Lightning's own DistributedSampler always shuffles training data; an unshuffled one
+        # given here is kept as is
+        sampler = None
+        if dist.is_initialized():
+            sampler = DistributedSampler(self.train_set, shuffle=False, drop_last=True)
+        return DataLoader(self.train_set, self.batch_size, sampler=sampler, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=3)
+
+    def knn_bank_dataloader(self) -> DataLoader:
+        return DataLoader(self.bank_set, batch_size=3)
+
+
+class Recorder(L.Callback):
+    """Keeps what the tests compare: each step's loss, the kNN bank as built, the final
+    weights and buffers, SwAV's queue, the probe and the validation counts."""
+
+    def __init__(self) -> None:
+        self.record: dict[str, Any] = {"losses": [], "batches": []}
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: SSLMethod, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.record["losses"].append(float(outputs["loss"]))
+        # a fingerprint of each image of the batch, to check which images each rank read
+        self.record["batches"].append(batch[0][0].flatten(1).sum(1))
+        if batch_idx == 0:
+            self.record["first_state"] = _state(pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: SSLMethod) -> None:
+        knn = next(c for c in trainer.callbacks if isinstance(c, KNNMonitor))
+        if knn._bank is not None:  # before the monitor's own hook clears it
+            self.record["bank"] = knn._bank.clone()
+            self.record["bank_labels"] = knn._bank_labels.clone()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: SSLMethod) -> None:
+        knn = next(c for c in trainer.callbacks if isinstance(c, KNNMonitor))
+        probe = next(c for c in trainer.callbacks if isinstance(c, OnlineProbe))
+        queue = getattr(pl_module, "queue", None)
+        self.record.update(
+            state=_state(pl_module),
+            queue=None if queue is None else queue.clone(),
+            knn_counts=(list(knn._correct), knn._total),
+            probe_counts=(probe._correct, probe._total),
+            probe_head=probe.state_dict()["head"],
+            metrics={k: float(v) for k, v in trainer.callback_metrics.items()},
+            world_size=trainer.world_size,
+            sync_bn_layers=sum(isinstance(m, SyncBatchNorm) for m in pl_module.modules()),
+            batchnorm_layers=sum(
+                isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pl_module.modules()
+            ),
+        )
+
+
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def fit(name: str, devices: int) -> dict[str, Any]:
+    """Train ``name`` for :data:`STEPS` steps of :data:`GLOBAL_BATCH` images on ``devices``
+    CPU processes (``ddp`` when 2) with the kNN monitor and the online probe; returns this
+    rank's record."""
+    model = build_method(name)
+    recorder = Recorder()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[recorder, KNNMonitor(k=5, temperature=0.1), OnlineProbe(lr=0.05)],
+    )
+    trainer.fit(model, datamodule=ViewsDataModule(name, GLOBAL_BATCH // devices))
+    return recorder.record
+
+
+# --------------------------------------------------------------------- SyncBatchNorm checks
+
+# per-rank sizes of the global batch in each SyncBatchNorm case: unequal, and one rank empty
+SYNC_BN_CASES = {"1d": (6, 4), "2d": (3, 2), "empty_rank": (5, 0)}
+
+
+def sync_bn_inputs(case: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Global input, upstream gradient, BN weight and bias of a SyncBatchNorm case."""
+    g = torch.Generator().manual_seed(2)
+    n = sum(SYNC_BN_CASES[case])
+    shape = (n, 5, 3, 3) if case == "2d" else (n, 6)
+    x = torch.randn(shape, generator=g) * 3 + 1
+    upstream = torch.randn(shape, generator=g)
+    weight, bias = torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g)
+    return x, upstream, weight, bias
+
+
+def run_batchnorm(bn: nn.Module, x: torch.Tensor, upstream: torch.Tensor) -> dict[str, Any]:
+    """Two training steps of ``bn`` on ``x`` (loss ``sum(out * upstream)``), then one in
+    evaluation mode; returns outputs, gradients and buffers."""
+    x = x.clone().requires_grad_(True)
+    out = bn(x)
+    (out * upstream).sum().backward()
+    out2 = bn(x.detach() * 0.5 - 1)
+    bn.eval()
+    out_eval = bn(x.detach())
+    return {
+        "out": out.detach(), "out2": out2.detach(), "out_eval": out_eval.detach(),
+        "x_grad": x.grad, "weight_grad": bn.weight.grad, "bias_grad": bn.bias.grad,
+        "running_mean": bn.running_mean.clone(), "running_var": bn.running_var.clone(),
+        "num_batches_tracked": int(bn.num_batches_tracked),
+    }  # fmt: skip
+
+
+def sync_bn_rank(case: str, rank: int) -> dict[str, Any]:
+    """This rank's share of a case through :class:`SyncBatchNorm`; weight and bias gradients
+    are summed over ranks (what DDP's average is, times the world size)."""
+    x, upstream, weight, bias = sync_bn_inputs(case)
+    sizes = SYNC_BN_CASES[case]
+    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    bn = SyncBatchNorm(x.shape[1], momentum=None if case == "2d" else 0.1)
+    with torch.no_grad():
+        bn.weight.copy_(weight)
+        bn.bias.copy_(bias)
+    result = run_batchnorm(bn, x[lo:hi], upstream[lo:hi])
+    for key in ("weight_grad", "bias_grad"):
+        dist.all_reduce(result[key])
+    return result
+
+
+def torch_sync_bn_refuses_cpu() -> str:
+    """The error ``torch.nn.SyncBatchNorm`` raises on CPU in training under gloo ('' if none)."""
+    try:
+        nn.SyncBatchNorm(4).train()(torch.randn(4, 4))
+    except ValueError as error:
+        return str(error)
+    return ""
+
+
+# ------------------------------------------------------------------------------ the job
+
+
+def worker(rank: int, port: int, out_dir: str) -> None:
+    """One rank: the SyncBatchNorm checks on a plain gloo group, then a Lightning ``ddp`` fit
+    of every method; everything this rank saw goes to ``out_dir/rank{rank}.pt``."""
+    torch.set_num_threads(1)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0"
+    )
+    # a rank stuck in a collective fails after 2 minutes instead of hanging the test run
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(minutes=2))
+    results: dict[str, Any] = {"torch_sync_bn_error": torch_sync_bn_refuses_cpu()}
+    results["sync_bn"] = {case: sync_bn_rank(case, rank) for case in SYNC_BN_CASES}
+    for name in METHODS:
+        results[name] = fit(name, WORLD)
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def run_ddp_job(out_dir: Path, port: int) -> list[dict[str, Any]]:
+    """Spawn the two ranks, wait for them, and load each rank's results."""
+    torch.multiprocessing.spawn(worker, args=(port, str(out_dir)), nprocs=WORLD, join=True)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
