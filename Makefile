@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=12
 
 clean:
 	rm -rf $(VENV) runs

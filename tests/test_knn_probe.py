@@ -112,3 +112,19 @@ def test_bank_shards_run_as_many_forwards_as_rank_zero(monkeypatch, shard: int) 
     assert len(calls) == 3
     own = len(range(shard, 9, 2))
     assert sum(calls[: math.ceil(own / 2)]) == own
+
+
+def test_probe_initialisation_ignores_the_global_random_state() -> None:
+    """The probe starts from weights of its own seed: runs that drew different random numbers
+    before it (another test, another rank, a resumed run) start from the same probe."""
+
+    class Module:
+        device = torch.device("cpu")
+
+    heads = []
+    for global_seed, probe_seed in [(1, 0), (2, 0), (1, 5)]:
+        torch.manual_seed(global_seed)
+        heads.append(OnlineProbe(num_classes=3, seed=probe_seed)._ensure(Module(), 8))
+    weights = [h[1].weight for h in heads]
+    assert torch.equal(weights[0], weights[1])
+    assert not torch.equal(weights[0], weights[2])

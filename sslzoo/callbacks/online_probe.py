@@ -32,12 +32,19 @@ class OnlineProbe(L.Callback):
         num_classes: number of classes; ``None`` takes the datamodule's ``num_classes``.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
+        seed: seed of the classifier's initial weights, drawn from a generator of its own so
+            they depend neither on the global random state nor on what ran before.
     """
 
     def __init__(
-        self, num_classes: int | None = None, lr: float = 1e-3, weight_decay: float = 0.0
+        self,
+        num_classes: int | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        seed: int = 0,
     ) -> None:
         self.num_classes = num_classes
+        self.seed = seed
         self.lr = lr
         self.weight_decay = weight_decay
         self.head: nn.Module | None = None
@@ -51,9 +58,11 @@ class OnlineProbe(L.Callback):
     def _ensure(self, pl_module: L.LightningModule, dim: int) -> nn.Module:
         if self.head is None:
             num_classes = self.num_classes or pl_module.trainer.datamodule.num_classes
-            self.head = nn.Sequential(
-                nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes)
-            )
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                self.head = nn.Sequential(
+                    nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes)
+                )
             self.head.to(pl_module.device)
             if world_size() > 1:  # every rank starts from rank 0's random init
                 for tensor in self.head.state_dict().values():
