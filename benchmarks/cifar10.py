@@ -75,9 +75,7 @@ def run_one(
             "--trainer.default_root_dir", str(root)]  # fmt: skip
     if epochs:
         args += ["--trainer.max_epochs", str(epochs)]
-    for item in overrides:
-        key, _, value = item.partition("=")
-        args += [f"--{key}", value]
+    args += [f"--{item}" for item in overrides]  # KEY=VALUE, KEY+=VALUE
     cli = SSLZooCLI(args=args, run=False)
     model, dm, trainer = cli.model, cli.datamodule, cli.trainer
     throughput = Throughput()

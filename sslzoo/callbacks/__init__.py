@@ -4,6 +4,15 @@ from sslzoo.callbacks.batch_seed import BatchSeed
 from sslzoo.callbacks.ema import EMATeacher
 from sslzoo.callbacks.knn import KNNMonitor
 from sslzoo.callbacks.online_probe import OnlineProbe
+from sslzoo.callbacks.speed import ChannelsLast, CompileBackbone
 from sslzoo.callbacks.throughput import Throughput
 
-__all__ = ["BatchSeed", "EMATeacher", "KNNMonitor", "OnlineProbe", "Throughput"]
+__all__ = [
+    "BatchSeed",
+    "ChannelsLast",
+    "CompileBackbone",
+    "EMATeacher",
+    "KNNMonitor",
+    "OnlineProbe",
+    "Throughput",
+]
