@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -224,25 +225,13 @@ def byol_views(
     )
 
 
+# lightly's SimSiamTransform defaults where they differ from its SimCLRTransform's
+SIMSIAM_DEFAULTS = dict(cj_bright=0.4, cj_contrast=0.4, cj_sat=0.4, cj_hue=0.1, min_scale=0.2)
+
+
 def simsiam_views(
-    input_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    cj_prob: float = 0.8,
-    cj_strength: float = 1.0,
-    cj_bright: float = 0.4,
-    cj_contrast: float = 0.4,
-    cj_sat: float = 0.4,
-    cj_hue: float = 0.1,
-    min_scale: float = 0.2,
-    random_gray_scale: float = 0.2,
-    gaussian_blur: float = 0.5,
-    sigmas: tuple[float, float] = (0.1, 2.0),
-    hf_prob: float = 0.5,
+    input_size: int, mean: Sequence[float], std: Sequence[float], **settings: Any
 ) -> DeviceViews:
-    """Two views as lightly's ``SimSiamTransform``."""
-    view = _lightly_view(
-        input_size, mean, std, cj_prob, cj_strength, (cj_bright, cj_contrast, cj_sat, cj_hue),
-        min_scale, random_gray_scale, gaussian_blur, sigmas, hf_prob,
-    )  # fmt: skip
-    return DeviceViews([view, view])
+    """Two views as lightly's ``SimSiamTransform``: :func:`simclr_views` with SimSiam's
+    defaults; ``settings`` takes the same keywords."""
+    return simclr_views(input_size, mean, std, **{**SIMSIAM_DEFAULTS, **settings})
