@@ -29,6 +29,7 @@ from sslzoo.methods.simclr import SimCLR
 from sslzoo.methods.swav import SwAV
 from sslzoo.methods.sync_batchnorm import SyncBatchNorm
 from tests.conftest import TINY_RESNET
+from tests.helpers import quiet_trainer
 
 WORLD = 2
 GLOBAL_BATCH = 8  # images per optimizer step: 2 ranks x 4, or 1 process x 8
@@ -197,16 +198,10 @@ def fit(name: str, devices: int) -> dict[str, Any]:
     rank's record."""
     model = build_method(name)
     recorder = Recorder()
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",
         max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
         callbacks=[recorder, KNNMonitor(k=5, temperature=0.1), OnlineProbe(lr=0.05)],
     )
     trainer.fit(model, datamodule=ViewsDataModule(name, GLOBAL_BATCH // devices))
