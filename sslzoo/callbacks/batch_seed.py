@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 from typing import Any
 
@@ -10,11 +9,12 @@ import lightning as L
 import numpy as np
 import torch
 
+from sslzoo.seeding import derive_seed, global_seed
+
 
 def batch_seed(seed: int, epoch: int, batch_idx: int, rank: int) -> int:
     """64-bit seed of one training batch of one rank."""
-    high, low = np.random.SeedSequence([seed, epoch, batch_idx, rank]).generate_state(2)
-    return (int(high) << 32) | int(low)
+    return derive_seed(seed, epoch, batch_idx, rank)
 
 
 class BatchSeed(L.Callback):
@@ -31,8 +31,7 @@ class BatchSeed(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        value = batch_seed(seed, trainer.current_epoch, batch_idx, trainer.global_rank)
+        value = batch_seed(global_seed(), trainer.current_epoch, batch_idx, trainer.global_rank)
         random.seed(value)
         np.random.seed(value % 2**32)
         torch.manual_seed(value)

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sslzoo.datamodules.epoch_loader import EpochSeededLoader
 from sslzoo.datamodules.images import Transform, collate_skip_none
+from sslzoo.seeding import global_seed
 
 
 class SSLDataModule(L.LightningDataModule):
@@ -108,7 +109,7 @@ class SSLDataModule(L.LightningDataModule):
 
     def epoch_seed(self, epoch: int) -> int:
         """Seed of a training epoch: a function of (global seed, epoch, rank)."""
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        seed = global_seed()
         rank = self.trainer.global_rank if self.trainer is not None else 0
         return (seed * 1_000_003 + epoch * 1009 + rank) % 2**32
 

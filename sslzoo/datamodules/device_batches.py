@@ -4,13 +4,14 @@ no PIL. The method turns each uint8 batch into its views on the device
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from sslzoo.seeding import global_seed
 
 
 class UInt8Images(Dataset):
@@ -74,7 +75,7 @@ class DeviceBatches:
         device, rank, world = self._context()
         images, labels = self._tensors(device)
         epoch = self.datamodule.training_epoch()
-        shuffle_seed = (int(os.environ.get("PL_GLOBAL_SEED", 0)) * 1_000_003 + epoch) % 2**63
+        shuffle_seed = (global_seed() * 1_000_003 + epoch) % 2**63
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(shuffle_seed))
         per_rank = len(images) // world
         order = order[rank : per_rank * world : world].to(device)

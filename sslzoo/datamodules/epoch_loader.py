@@ -12,11 +12,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from sslzoo.seeding import derive_seed
+
 
 def item_seed(epoch_seed: int, position: int) -> int:
     """64-bit seed of the item at ``position`` (0-based, in this rank's epoch order)."""
-    high, low = np.random.SeedSequence([epoch_seed, position]).generate_state(2)
-    return (int(high) << 32) | int(low)
+    return derive_seed(epoch_seed, position)
 
 
 def seed_host_generators(seed: int) -> None:

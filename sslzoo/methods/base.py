@@ -174,15 +174,13 @@ class SSLMethod(L.LightningModule):
         """Seed ``device``'s generator from (global seed, epoch, batch index, rank), so the
         views of a batch do not depend on what ran before it (a mid-epoch resume draws the
         same views). Seeding is host-side state: no sync with the device."""
-        import os
-
-        import numpy as np
+        from sslzoo.seeding import derive_seed, global_seed
 
         trainer = self.trainer
         batch_idx = trainer.fit_loop.epoch_loop.batch_idx + 1  # the batch being transferred
-        key = [int(os.environ.get("PL_GLOBAL_SEED", 0)), trainer.current_epoch, batch_idx]
-        # the trailing 7 keeps these seeds apart from other per-batch seeds of the same key
-        seed = int(np.random.SeedSequence([*key, trainer.global_rank, 7]).generate_state(1)[0])
+        key = [global_seed(), trainer.current_epoch, batch_idx, trainer.global_rank]
+        # the trailing 7 keeps these seeds apart from BatchSeed's seed of the same batch
+        seed = derive_seed(*key, 7)
         if device.type == "cuda":
             index = device.index if device.index is not None else torch.cuda.current_device()
             torch.cuda.default_generators[index].manual_seed(seed)
