@@ -6,6 +6,9 @@ Rows (source images per second; each image gives two views):
 * ``pil``: lightly's ``SimCLRTransform`` per image in a DataLoader with N workers.
 * ``device``: :func:`sslzoo.augment.simclr_views` on uint8 batches cut from an in-memory tensor
   on the device (CPU, and CUDA when available).
+* ``crops``: the image-folder device path: :class:`sslzoo.augment.CropViews` (crop and flip,
+  uint8) per image in a DataLoader with N workers, the photometric steps of the same views on
+  the device.
 * ``device+compile`` (``--compile-views``): the same views through ``torch.compile``.
 * ``kornia`` (``--kornia``, if importable): kornia.augmentation with the same settings; its
   ``ColorJitter`` draws one order of the four ops per call, not per image.
@@ -106,6 +109,26 @@ def device_batches(
     order = torch.randperm(len(data), device=device)
     for b in range(len(data) // batch):
         yield views(data.index_select(0, order[b * batch : (b + 1) * batch]))
+
+
+def crop_batches(
+    images: np.ndarray, batch: int, workers: int, device: torch.device, views: nn.Module
+) -> Iterator[list[torch.Tensor]]:
+    """View pairs cropped per image in DataLoader workers (uint8), then photometric steps on
+    ``device``."""
+    from sslzoo.augment import CropViews
+
+    loader = DataLoader(
+        PILImages(images, CropViews(views.recipes)),
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
+    for crops, _ in loader:
+        yield views([c.to(device, non_blocking=True) for c in crops])
 
 
 def kornia_views(size: int, device: torch.device) -> Callable[[torch.Tensor], list[torch.Tensor]]:
@@ -229,6 +252,9 @@ def main() -> None:
         for w in args.workers:
             run("pil", where, str(w), lambda b, w=w, d=where: pil_batches(images, b, w, d))
         views = simclr_views(args.size, MEAN, STD, gaussian_blur=0.0).to(where)
+        for w in args.workers:
+            cropped = lambda b, w=w, d=where, v=views: crop_batches(images, b, w, d, v)  # noqa: E731
+            run("crops", where, str(w), cropped)
         run("device", where, "-", lambda b, d=where, v=views: device_batches(images, b, d, v))
         if args.compile_views:
             cv = torch.compile(views, fullgraph=True)  # compiles during the warm-up batches

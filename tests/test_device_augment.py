@@ -9,15 +9,10 @@ Then each method's device recipe against its lightly recipe, the CIFAR datamodul
 
 from __future__ import annotations
 
-import io
-import itertools
 import math
-import random
-import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -29,7 +24,6 @@ from lightly.transforms import (
     BYOLView2Transform,
     SimCLRTransform,
 )
-from PIL import Image
 
 from sslzoo.augment import DeviceViews, ViewRecipe, byol_views, ops, simclr_views
 from sslzoo.augment.params import crop_boxes, jitter_params, jitter_ranges
@@ -39,31 +33,23 @@ from sslzoo.methods.byol import BYOL
 from sslzoo.methods.mocov3 import MoCoV3
 from sslzoo.methods.simclr import SimCLR
 from sslzoo.methods.simsiam import SimSiam
-from tests.conftest import CIFAR_ARCHIVE, TINY_RESNET
+from tests.augment_helpers import (
+    ATOL,
+    MEAN,
+    STD,
+    Z_MAX,
+    KeepBatches,
+    assert_same_recipe,
+    cifar_folder,
+    device_statistics,
+    lightly_statistics,
+    read_cifar_sample,
+    similar,
+    smooth_images,
+    z_score,
+)
+from tests.conftest import TINY_RESNET
 from tests.helpers import quiet_trainer
-
-# Ops run in float32 and sum at most a few dozen terms per output pixel, so results equal
-# torchvision's to float32 rounding (measured max difference 1.3e-6, in the hue round trip).
-ATOL = 1e-5
-# z-score bound for comparing means of two samples: |z| > 4 has probability 6e-5 per check
-# under equal distributions, and every draw here is seeded, so the checks are deterministic.
-Z_MAX = 4.0
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # CIFAR-10
-
-
-def smooth_images(n: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
-    """Natural-looking float images in [0, 1]: bicubic upsampling of coarse random colours."""
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(n, 3, max(2, height // 4), max(2, width // 4), generator=g)
-    up = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bicubic")
-    return up.clamp(0.0, 1.0)
-
-
-def z_score(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Difference of the means of two independent samples in standard errors."""
-    a, b = a.double(), b.double()
-    return (a.mean(0) - b.mean(0)) / torch.sqrt(a.var(0) / len(a) + b.var(0) / len(b))
-
 
 # ------------------------------------------------------------------ ops vs torchvision
 
@@ -236,46 +222,6 @@ def test_application_probabilities_match_the_recipe() -> None:
 # ------------------------------------------------------------------ recipes of the methods
 
 
-def lightly_recipe(view) -> dict:  # noqa: ANN001
-    """The parameters of one view of a lightly transform, read from its torchvision steps."""
-    out: dict = {"blur_prob": 0.0, "blur_sigma": None, "solarize_prob": 0.0}
-    for step in view.transform.transforms:
-        name = type(step).__name__
-        if name == "RandomResizedCrop":
-            out.update(size=tuple(step.size), scale=tuple(step.scale), ratio=tuple(step.ratio))
-        elif name == "RandomHorizontalFlip":
-            out["hflip_prob"] = step.p
-        elif name == "RandomApply":
-            (cj,) = step.transforms
-            ranges = [cj.brightness, cj.contrast, cj.saturation, cj.hue]
-            defaults = [(1.0, 1.0)] * 3 + [(0.0, 0.0)]  # None: that op is off
-            out["jitter"] = [tuple(r) if r else d for r, d in zip(ranges, defaults, strict=True)]
-            out["jitter_prob"] = step.p
-        elif name == "RandomGrayscale":
-            out["grayscale_prob"] = step.p
-        elif name == "GaussianBlur":
-            out.update(blur_prob=step.prob, blur_sigma=tuple(float(s) for s in step.sigmas))
-        elif name == "RandomSolarization":
-            out["solarize_prob"] = step.prob
-        elif name == "Normalize":
-            out.update(mean=tuple(step.mean), std=tuple(step.std))
-        else:
-            assert name == "ToTensor" or getattr(step, "p", getattr(step, "prob", 0.0)) == 0.0
-    return out
-
-
-def device_recipe(recipe: ViewRecipe) -> dict:
-    """The same parameters of one of our view recipes."""
-    return {
-        "size": recipe.out_size, "scale": recipe.scale, "ratio": recipe.ratio,
-        "hflip_prob": recipe.hflip_prob, "jitter": jitter_ranges(*recipe.jitter),
-        "jitter_prob": recipe.jitter_prob, "grayscale_prob": recipe.grayscale_prob,
-        "blur_prob": recipe.blur_prob, "solarize_prob": recipe.solarize_prob,
-        "blur_sigma": recipe.blur_sigma if recipe.blur_prob > 0 else None,
-        "mean": recipe.mean, "std": recipe.std,
-    }  # fmt: skip
-
-
 @pytest.mark.parametrize(
     "method, settings",
     [
@@ -294,10 +240,7 @@ def test_device_recipe_mirrors_the_methods_lightly_recipe(method, settings) -> N
     device = model.device_view_transform(24, MEAN, STD)
     assert len(pil.transforms) == len(device.recipes) == 2
     for view, recipe in zip(pil.transforms, device.recipes, strict=True):
-        ours, theirs = device_recipe(recipe), lightly_recipe(view)
-        assert ours.keys() == theirs.keys()
-        for key in ours:
-            assert np.allclose(np.array(ours[key], dtype=float), np.array(theirs[key], dtype=float))
+        assert_same_recipe(recipe, view)
 
 
 # ------------------------------------------------------------------ vs lightly's PIL views
@@ -305,52 +248,7 @@ def test_device_recipe_mirrors_the_methods_lightly_recipe(method, settings) -> N
 
 @pytest.fixture(scope="module")
 def cifar_sample() -> np.ndarray:
-    """40 training images of each CIFAR-10 class (400, 32, 32, 3), read from the archive."""
-    per_class: dict[str, list[np.ndarray]] = {}
-    with tarfile.open(CIFAR_ARCHIVE, "r:gz") as tar:
-        for member in tar:
-            if not (member.isfile() and member.name.startswith("train/")):
-                continue
-            images = per_class.setdefault(member.name.split("/")[1], [])
-            if len(images) < 40:
-                data = tar.extractfile(member).read()
-                images.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
-            if len(per_class) == 10 and all(len(v) == 40 for v in per_class.values()):
-                break
-    return np.stack([im for images in per_class.values() for im in images])
-
-
-def view_statistics(views: torch.Tensor) -> torch.Tensor:
-    """Per image: channel means, channel stds, colourfulness (max - min over channels) and
-    mean absolute horizontal gradient, in [0, 1] pixel units."""
-    x = views * torch.tensor(STD)[:, None, None] + torch.tensor(MEAN)[:, None, None]
-    colourful = (x.amax(1) - x.amin(1)).mean((1, 2))
-    gradient = (x[..., 1:] - x[..., :-1]).abs().mean((1, 2, 3))
-    return torch.cat([x.mean((2, 3)), x.std((2, 3)), colourful[:, None], gradient[:, None]], 1)
-
-
-def lightly_statistics(transform, images: np.ndarray) -> list[torch.Tensor]:
-    """Statistics of each of the two views of lightly's PIL transform, image by image."""
-    random.seed(0), np.random.seed(0), torch.manual_seed(0)
-    views = [transform(Image.fromarray(im)) for im in images]
-    return [view_statistics(torch.stack([v[k] for v in views])) for k in range(2)]
-
-
-def device_statistics(device_views: DeviceViews, images: np.ndarray) -> list[torch.Tensor]:
-    """Statistics of each view of the device pipeline on the whole batch."""
-    torch.manual_seed(0)
-    return [view_statistics(v) for v in device_views(torch.from_numpy(images).permute(0, 3, 1, 2))]
-
-
-def similar(pil: list[torch.Tensor], device: list[torch.Tensor]) -> bool:
-    """Whether, in each view, every statistic has the same mean (|z| < 4) and a spread within
-    25% under both pipelines (the ratio of two sample stds over 400 images has a standard
-    error of about 5-7% here, so 25% is about 4 standard errors)."""
-    for a, b in zip(pil, device, strict=True):
-        ratio = a.std(0) / b.std(0)
-        if z_score(a, b).abs().max() >= Z_MAX or not ((ratio > 0.8) & (ratio < 1.25)).all():
-            return False
-    return True
+    return read_cifar_sample()
 
 
 def test_device_views_have_the_statistics_of_lightly_views(cifar_sample: np.ndarray) -> None:
@@ -369,17 +267,6 @@ def test_device_views_have_the_statistics_of_lightly_views(cifar_sample: np.ndar
 
 
 # ------------------------------------------------------------------ the device data path
-
-
-def cifar_folder(root: Path, per_class: int = 10) -> Path:
-    """A CIFAR-like ImageFolder copy: two classes of 32x32 PNGs in train/ and test/."""
-    rng = np.random.default_rng(0)
-    for split, c in itertools.product(("train", "test"), ("cat", "dog")):
-        (root / split / c).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / split / c / f"{i}.png")
-    return root
 
 
 def test_datamodule_with_device_augment_yields_uint8_batches(tmp_path: Path) -> None:
@@ -431,16 +318,6 @@ def test_device_batches_shard_ranks_and_resume_mid_epoch() -> None:
         assert torch.equal(x, x_full) and torch.equal(y, y_full)
     for x, y in full:  # each label's image is that image
         assert torch.equal(x, dataset.images[y])
-
-
-class KeepBatches(L.Callback):
-    """Records the batches training_step receives."""
-
-    def __init__(self) -> None:
-        self.batches: list = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
-        self.batches.append(batch)
 
 
 def fit_simclr(root: Path, torch_seed: int) -> tuple[list, SimCLR, CIFAR10DataModule]:

@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from sslzoo.checkpoints import partial_path, write_atomic
+from tests.augment_helpers import cifar_folder
 from tests.conftest import REPO, TINY_RESNET
 
 STEPS = 14  # 2 epochs x 7 batches
@@ -102,7 +103,13 @@ class KillSwitch(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def write_config(path: Path, root: Path, model: dict, num_workers: int, **kill: Any) -> Path:
+DIGITS = {"class_path": "sslzoo.datamodules.DigitsDataModule", "init_args": {"image_size": 16}}
+
+
+def write_config(
+    path: Path, root: Path, model: dict, num_workers: int, data: dict = DIGITS, **kill: Any
+) -> Path:
+    data_args = {**data["init_args"], "batch_size": 16, "num_workers": num_workers}
     config = {
         "seed_everything": 0,
         "checkpoint_every_n_steps": EVERY,
@@ -123,10 +130,7 @@ def write_config(path: Path, root: Path, model: dict, num_workers: int, **kill: 
             ],
         },
         "model": model,
-        "data": {
-            "class_path": "sslzoo.datamodules.DigitsDataModule",
-            "init_args": {"batch_size": 16, "num_workers": num_workers, "image_size": 16},
-        },
+        "data": {"class_path": data["class_path"], "init_args": data_args},
     }
     path.write_text(yaml.safe_dump(config))
     return path
@@ -169,16 +173,23 @@ def assert_same(a: Any, b: Any, where: str = "") -> None:
 
 
 def kill_and_resume(
-    tmp_path: Path, model: dict, num_workers: int, resumes_from: int, **kill: Any
+    tmp_path: Path,
+    model: dict,
+    num_workers: int,
+    resumes_from: int,
+    data: dict = DIGITS,
+    **kill: Any,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Run uninterrupted and killed (side by side), then resume the killed run. Returns the
     final checkpoints of both and the ``last.ckpt`` the killed run left."""
-    full_cfg = write_config(tmp_path / "full.yaml", tmp_path / "full", model, num_workers)
+    full_cfg = write_config(tmp_path / "full.yaml", tmp_path / "full", model, num_workers, data)
     killed_root = tmp_path / "killed"
-    killed_cfg = write_config(tmp_path / "killed.yaml", killed_root, model, num_workers, **kill)
+    killed_cfg = write_config(
+        tmp_path / "killed.yaml", killed_root, model, num_workers, data, **kill
+    )
     record = tmp_path / "resumed_from.txt"
     resume_cfg = write_config(
-        tmp_path / "resume.yaml", killed_root, model, num_workers, record=str(record)
+        tmp_path / "resume.yaml", killed_root, model, num_workers, data, record=str(record)
     )
     full = start(full_cfg, tmp_path / "full.log")
     killed = start(killed_cfg, tmp_path / "killed.log")
@@ -235,6 +246,36 @@ def test_swav_killed_while_saving_keeps_last_and_resumes_exactly(tmp_path: Path)
     ]
     assert left["swav_queue"].abs().sum(-1).gt(0).all(), "the queue is full (and in use)"
     assert_same(full["swav_queue"], resumed["swav_queue"], "swav_queue")
+    assert_same_training_state(full, resumed)
+
+
+@pytest.mark.parametrize("datamodule", ["CIFAR10DataModule", "ImageFolderDataModule"])
+def test_device_augmented_run_killed_mid_epoch_resumes_exactly(
+    tmp_path: Path, datamodule: str
+) -> None:
+    # DINO with a ResNet and local crops on device views: in-memory images cut and augmented
+    # on the device, or folder images cropped in a worker with the colour steps on the device
+    root = cifar_folder(tmp_path / "images", per_class=60)  # 120 images: 7 batches of 16
+    where = (
+        {"root": str(root)}
+        if datamodule == "CIFAR10DataModule"
+        else {"train_dir": str(root / "train"), "val_dir": str(root / "test"),
+              "eval_resize_ratio": 1.0}
+    )  # fmt: skip
+    data = {
+        "class_path": f"sslzoo.datamodules.{datamodule}",
+        "init_args": {**where, "image_size": 16, "device_augment": True},
+    }
+    dino_resnet = {
+        "class_path": "sslzoo.methods.DINO",
+        "init_args": {**DINO["init_args"], **TINY_RESNET, "local_crop_size": 8},
+    }
+    workers = 0 if datamodule == "CIFAR10DataModule" else 1
+    full, resumed, left = kill_and_resume(
+        tmp_path, dino_resnet, workers, resumes_from=9, data=data, kill_at_step=11
+    )
+    loader_state = left["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert loader_state == [{"epoch": 1, "batches": 2}]
     assert_same_training_state(full, resumed)
 
 

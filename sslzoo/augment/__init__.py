@@ -1,11 +1,25 @@
 """Per-sample random augmentation of batched image tensors on their device (GPU or CPU)."""
 
+from sslzoo.augment.crops import CropViews
 from sslzoo.augment.views import (
     DeviceViews,
     ViewRecipe,
     byol_views,
+    dino_views,
+    mae_views,
     simclr_views,
     simsiam_views,
+    swav_views,
 )
 
-__all__ = ["DeviceViews", "ViewRecipe", "byol_views", "simclr_views", "simsiam_views"]
+__all__ = [
+    "CropViews",
+    "DeviceViews",
+    "ViewRecipe",
+    "byol_views",
+    "dino_views",
+    "mae_views",
+    "simclr_views",
+    "simsiam_views",
+    "swav_views",
+]

@@ -2,7 +2,7 @@
 
 Every function takes float images of shape (N, C, H, W) in [0, 1] and one parameter per sample
 (a tensor of shape (N,)), and matches the torchvision functional op of the same name applied to
-each image with its own parameter: ``resized_crop`` (bilinear, antialiased) and
+each image with its own parameter: ``resized_crop`` (bilinear or bicubic, antialiased) and
 ``horizontal_flip``, ``adjust_brightness``, ``adjust_contrast``, ``adjust_saturation``,
 ``adjust_hue``, ``rgb_to_grayscale``, ``gaussian_blur`` (reflect padding), ``solarize`` and
 ``normalize``. Nothing reads a tensor on the host, so a pipeline of these ops never waits for
@@ -15,6 +15,8 @@ precision their inputs are rounded to about 5e-4 relative: a tenth of a uint8 gr
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601-2 luma)
@@ -25,23 +27,46 @@ def _column(values: torch.Tensor, ndim: int = 4) -> torch.Tensor:
     return values.reshape(-1, *([1] * (ndim - 1)))
 
 
+Interpolation = Literal["bilinear", "bicubic"]
+
+
+def resampling_filter(x: torch.Tensor, interpolation: Interpolation) -> torch.Tensor:
+    """The resampling kernel at distances ``x`` (in filter units): the triangle for bilinear,
+    Keys' cubic with a = -0.5 (PIL's and PyTorch's antialiased bicubic) for bicubic."""
+    x = x.abs()
+    if interpolation == "bilinear":
+        return torch.clamp(1.0 - x, min=0.0)
+    a = -0.5
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return torch.where(x < 1.0, near, torch.where(x < 2.0, far, torch.zeros_like(x)))
+
+
 def resize_weights(
-    start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int, antialias: bool = True
+    start: torch.Tensor,
+    length: torch.Tensor,
+    in_size: int,
+    out_size: int,
+    antialias: bool = True,
+    interpolation: Interpolation = "bilinear",
 ) -> torch.Tensor:
     """Interpolation matrices (N, out_size, in_size) that crop ``[start, start + length)`` of a
     line of ``in_size`` pixels and resize it to ``out_size`` pixels.
 
-    This is PyTorch's bilinear resize with ``align_corners=False``: with ``antialias`` the
-    triangle filter is widened by the downscaling factor (PIL's and torchvision's antialiased
-    bilinear), without it the filter keeps unit width (plain bilinear interpolation). Weights
-    falling outside the crop are dropped and the rest renormalised, as at an image border.
+    This is PyTorch's resize with ``align_corners=False``: with ``antialias`` the kernel is
+    widened by the downscaling factor (PIL's and torchvision's antialiased resize), without it
+    the kernel keeps unit width (plain bilinear interpolation; bicubic needs ``antialias``).
+    Weights falling outside the crop are dropped and the rest renormalised, as at an image
+    border.
     """
+    if interpolation == "bicubic" and not antialias:
+        raise ValueError("bicubic resizing is implemented with antialias=True only (PIL's)")
     start, length = start.float(), length.float()
     scale = (length / out_size)[:, None, None]  # input pixels per output pixel
     support = torch.clamp(scale, min=1.0) if antialias else torch.ones_like(scale)
     center = scale * (torch.arange(out_size, device=start.device) + 0.5)[None, :, None]
     pixel = torch.arange(in_size, device=start.device)[None, None, :] - start[:, None, None]
-    weights = torch.clamp(1.0 - (pixel + 0.5 - center).abs() / support, min=0.0)
+    weights = resampling_filter((pixel + 0.5 - center) / support, interpolation)
     inside = (pixel >= 0) & (pixel < length[:, None, None])
     weights = weights * inside
     return weights / weights.sum(-1, keepdim=True)
@@ -56,13 +81,14 @@ def resized_crop(
     size: tuple[int, int],
     flip: torch.Tensor | None = None,
     antialias: bool = True,
+    interpolation: Interpolation = "bilinear",
 ) -> torch.Tensor:
-    """Crop each image to its box and resize it to ``size`` (bilinear); then mirror it
-    horizontally where ``flip`` is true. Equal to torchvision's ``resized_crop`` followed by
-    ``horizontal_flip`` on each image."""
+    """Crop each image to its box and resize it to ``size``; then mirror it horizontally where
+    ``flip`` is true. Equal to torchvision's ``resized_crop`` followed by ``horizontal_flip``
+    on each image (bicubic results are not clamped, as torchvision's on float images)."""
     h_in, w_in = images.shape[-2:]
-    rows = resize_weights(top, height, h_in, size[0], antialias)  # (N, out_h, H)
-    cols = resize_weights(left, width, w_in, size[1], antialias)  # (N, out_w, W)
+    rows = resize_weights(top, height, h_in, size[0], antialias, interpolation)
+    cols = resize_weights(left, width, w_in, size[1], antialias, interpolation)
     if flip is not None:
         cols = torch.where(flip[:, None, None], cols.flip(1), cols)
     return rows[:, None] @ images @ cols.transpose(1, 2)[:, None]

@@ -36,6 +36,8 @@ class ViewRecipe:
         size: output side (or (height, width)).
         scale: area fraction range of the random resized crop.
         ratio: aspect ratio range of the crop (log-uniform).
+        interpolation: ``bilinear`` or ``bicubic`` resizing of the crop (both antialiased, as
+            PIL's); bicubic results are clamped to [0, 1], as PIL's uint8 output is.
         hflip_prob: probability of a horizontal flip.
         jitter: colour jitter strengths (brightness, contrast, saturation, hue).
         jitter_prob: probability of colour jitter.
@@ -53,6 +55,7 @@ class ViewRecipe:
     size: int | tuple[int, int]
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    interpolation: ops.Interpolation = "bilinear"
     hflip_prob: float = 0.5
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
     jitter_prob: float = 0.8
@@ -79,7 +82,9 @@ class DeviceViews(nn.Module):
     """Augmented views of a batch, computed on the batch's device.
 
     ``forward(images)`` takes (N, 3, H, W) uint8 images (or float in [0, 1]) and returns one
-    float32 tensor (N, 3, size, size) per recipe, normalised. Nothing is read back to the host.
+    float32 tensor (N, 3, size, size) per recipe, normalised. It also takes a list with one
+    batch per recipe of views already cropped and flipped (by :class:`CropViews` in dataloader
+    workers) and then runs only the photometric steps. Nothing is read back to the host.
     """
 
     def __init__(self, recipes: Sequence[ViewRecipe]) -> None:
@@ -99,22 +104,46 @@ class DeviceViews(nn.Module):
 
     @torch.no_grad()
     def forward(
-        self, images: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        images: torch.Tensor | Sequence[torch.Tensor],
+        generator: torch.Generator | None = None,
     ) -> list[torch.Tensor]:
-        x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
-        with torch.autocast(x.device.type, enabled=False):  # float32 even inside autocast
-            return [self.view(x, i, generator) for i in range(len(self.recipes))]
+        with torch.autocast(_device_type(images), enabled=False):  # float32 inside autocast
+            if isinstance(images, torch.Tensor):
+                x = _unit_float(images)
+                return [self.view(x, i, generator) for i in range(len(self.recipes))]
+            if len(images) != len(self.recipes):
+                raise ValueError(f"{len(images)} cropped views for {len(self.recipes)} recipes")
+            return [
+                self.photometric(_unit_float(v), i, generator) for i, v in enumerate(images)
+            ]
 
     def view(
         self, x: torch.Tensor, index: int, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """View ``index`` of float images ``x`` in [0, 1]."""
+        return self.photometric(self.crop(x, index, generator), index, generator)
+
+    def crop(
+        self, x: torch.Tensor, index: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """The random resized crop and flip of view ``index``."""
         r = self.recipes[index]
         n, _, height, width = x.shape
-        dev = x.device
-        box = crop_boxes(n, height, width, r.scale, r.ratio, dev, generator)
-        flip = bernoulli(n, r.hflip_prob, dev, generator)
-        v = ops.resized_crop(x, box.top, box.left, box.height, box.width, r.out_size, flip)
+        box = crop_boxes(n, height, width, r.scale, r.ratio, x.device, generator)
+        flip = bernoulli(n, r.hflip_prob, x.device, generator)
+        v = ops.resized_crop(
+            x, box.top, box.left, box.height, box.width, r.out_size, flip,
+            interpolation=r.interpolation,
+        )  # fmt: skip
+        return v.clamp_(0.0, 1.0) if r.interpolation == "bicubic" else v
+
+    def photometric(
+        self, v: torch.Tensor, index: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """The colour steps and normalisation of view ``index`` on cropped views ``v``."""
+        r = self.recipes[index]
+        n, dev = v.shape[0], v.device
         if r.jitter_prob > 0 and any(r.jitter):
             apply = bernoulli(n, r.jitter_prob, dev, generator)
             factors, order = jitter_params(
@@ -134,6 +163,16 @@ class DeviceViews(nn.Module):
         return ops.normalize(v, self.mean[index], self.std[index])
 
 
+def _unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images as float32 in [0, 1]; float images as float32."""
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+
+
+def _device_type(images: torch.Tensor | Sequence[torch.Tensor]) -> str:
+    first = images if isinstance(images, torch.Tensor) else images[0]
+    return first.device.type
+
+
 def _lightly_view(
     input_size: int,
     mean: Sequence[float],
@@ -147,11 +186,14 @@ def _lightly_view(
     sigmas: tuple[float, float],
     hf_prob: float,
     solarization_prob: float = 0.0,
+    max_scale: float = 1.0,
+    interpolation: ops.Interpolation = "bilinear",
 ) -> ViewRecipe:
     """One view of lightly's recipes: jitter strengths are ``cj_strength x jitter``."""
     return ViewRecipe(
         size=input_size,
-        scale=(min_scale, 1.0),
+        scale=(min_scale, max_scale),
+        interpolation=interpolation,
         hflip_prob=hf_prob,
         jitter=tuple(cj_strength * j for j in jitter),
         jitter_prob=cj_prob,
@@ -235,3 +277,85 @@ def simsiam_views(
     """Two views as lightly's ``SimSiamTransform``: :func:`simclr_views` with SimSiam's
     defaults; ``settings`` takes the same keywords."""
     return simclr_views(input_size, mean, std, **{**SIMSIAM_DEFAULTS, **settings})
+
+
+def dino_views(
+    global_size: int,
+    local_size: int,
+    local_crops_number: int,
+    global_crops_scale: tuple[float, float],
+    local_crops_scale: tuple[float, float],
+    color_jitter: tuple[float, float, float, float],
+    color_jitter_prob: float,
+    grayscale_prob: float,
+    blur_prob: tuple[float, float, float],
+    solarize_prob: float,
+    blur_sigma: tuple[float, float],
+    hflip_prob: float,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> DeviceViews:
+    """DINO's multi-crop views (``DataAugmentationDINO``, as lightly's ``DINOViewTransform``):
+    global 1 (blur ``blur_prob[0]``), global 2 (blur ``blur_prob[1]``, solarisation), then
+    ``local_crops_number`` local crops (blur ``blur_prob[2]``); bicubic crops. The arguments are
+    those of :func:`sslzoo.methods.dino.multicrop_transform`."""
+
+    def view(size: int, scale: tuple[float, float], blur: float, solarize: float) -> ViewRecipe:
+        return _lightly_view(
+            size, mean, std, color_jitter_prob, 1.0, tuple(color_jitter), scale[0],
+            grayscale_prob, blur, tuple(blur_sigma), hflip_prob, solarize, scale[1], "bicubic",
+        )  # fmt: skip
+
+    local = view(local_size, local_crops_scale, blur_prob[2], 0.0)
+    return DeviceViews(
+        [
+            view(global_size, global_crops_scale, blur_prob[0], 0.0),
+            view(global_size, global_crops_scale, blur_prob[1], solarize_prob),
+            *[local] * local_crops_number,
+        ]
+    )
+
+
+def swav_views(
+    crop_sizes: Sequence[int],
+    crop_counts: Sequence[int],
+    crop_min_scales: Sequence[float],
+    crop_max_scales: Sequence[float],
+    mean: Sequence[float],
+    std: Sequence[float],
+    hf_prob: float = 0.5,
+    cj_prob: float = 0.8,
+    cj_strength: float = 1.0,
+    cj_bright: float = 0.8,
+    cj_contrast: float = 0.8,
+    cj_sat: float = 0.8,
+    cj_hue: float = 0.2,
+    random_gray_scale: float = 0.2,
+    gaussian_blur: float = 0.5,
+    sigmas: tuple[float, float] = (0.1, 2.0),
+) -> DeviceViews:
+    """SwAV's multi-crop views as lightly's ``SwaVTransform``: ``crop_counts[i]`` bilinear crops
+    of side ``crop_sizes[i]`` and area in ``[crop_min_scales[i], crop_max_scales[i]]``, each
+    with the same colour steps."""
+    jitter = (cj_bright, cj_contrast, cj_sat, cj_hue)
+    recipes: list[ViewRecipe] = []
+    settings = zip(crop_sizes, crop_counts, crop_min_scales, crop_max_scales, strict=True)
+    for size, count, low, high in settings:
+        recipe = _lightly_view(
+            size, mean, std, cj_prob, cj_strength, jitter, low, random_gray_scale,
+            gaussian_blur, tuple(sigmas), hf_prob, 0.0, high,
+        )  # fmt: skip
+        recipes += [recipe] * count
+    return DeviceViews(recipes)
+
+
+def mae_views(
+    input_size: int, mean: Sequence[float], std: Sequence[float], min_scale: float = 0.2
+) -> DeviceViews:
+    """MAE's single view as lightly's ``MAETransform``: bicubic random resized crop of area in
+    ``[min_scale, 1]``, horizontal flip, normalisation; no colour steps."""
+    recipe = ViewRecipe(
+        size=input_size, scale=(min_scale, 1.0), interpolation="bicubic", jitter_prob=0.0,
+        grayscale_prob=0.0, mean=tuple(mean), std=tuple(std),
+    )  # fmt: skip
+    return DeviceViews([recipe])

@@ -11,6 +11,7 @@ import lightning as L
 import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset
 
+from sslzoo.augment.crops import CropViews
 from sslzoo.datamodules.epoch_loader import EpochSeededLoader
 from sslzoo.datamodules.images import Transform, collate_skip_none
 from sslzoo.seeding import global_seed
@@ -79,12 +80,26 @@ class SSLDataModule(L.LightningDataModule):
         """Create ``train_set`` (views), ``bank_set`` and ``val_set`` (eval transform)."""
         raise NotImplementedError
 
+    device_augment: bool = False  # subclasses that support it take it as an argument
+
+    def train_transform(self, module: L.LightningModule) -> Transform:
+        """The per-image training transform: the method's views, or with ``device_augment``
+        only their crops and flips (uint8, see :class:`~sslzoo.augment.CropViews`), whose
+        photometric steps the method then runs on the device."""
+        if not self.device_augment:
+            return module.view_transform(self.image_size, self.mean, self.std)
+        device_views = module.device_view_transform(self.image_size, self.mean, self.std)
+        if device_views is None:
+            raise ValueError(
+                f"{type(module).__name__} has no device views (device_view_transform); "
+                "set device_augment: false for it"
+            )
+        return CropViews(device_views.recipes)
+
     def setup(self, stage: str) -> None:
         views = None
         if self.trainer is not None and self.trainer.lightning_module is not None:
-            views = self.trainer.lightning_module.view_transform(
-                self.image_size, self.mean, self.std
-            )
+            views = self.train_transform(self.trainer.lightning_module)
         self.build_datasets(views, self.eval_transform())
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:

@@ -116,19 +116,9 @@ class CIFAR10DataModule(SSLDataModule):
             self._arrays[split] = self._load_split(train=split == "train")
         return self._arrays[split]
 
-    def setup(self, stage: str) -> None:
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        if self.device_augment and module is not None:
-            if module.device_view_transform(self.image_size, self.mean, self.std) is None:
-                raise ValueError(
-                    f"{type(module).__name__} has no device views (device_view_transform); "
-                    "set device_augment: false for it"
-                )
-        super().setup(stage)
-
     def build_datasets(self, views: Transform | None, eval_transform: Transform) -> None:
         train, test = self.arrays("train"), self.arrays("test")
-        if self.device_augment:
+        if self.device_augment:  # whole images go to the device, cropped there too
             self.train_set = UInt8Images(*train)
         else:
             self.train_set = ImageArray(*train, transform=views)

@@ -18,6 +18,9 @@ class ImageFolderDataModule(SSLDataModule):
         bank_dir: labeled images for the kNN bank; defaults to ``train_dir`` when it is labeled.
         mean: normalisation mean (ImageNet's by default).
         std: normalisation std.
+        device_augment: workers decode each image and cut its views (random resized crop and
+            flip, uint8); the method runs the photometric steps on the device with
+            :meth:`~sslzoo.methods.base.SSLMethod.device_view_transform`.
     """
 
     def __init__(
@@ -33,6 +36,7 @@ class ImageFolderDataModule(SSLDataModule):
         mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
         std: tuple[float, float, float] = (0.229, 0.224, 0.225),
         pin_memory: bool = True,
+        device_augment: bool = False,
     ) -> None:
         super().__init__(batch_size, num_workers, image_size, eval_resize_ratio, pin_memory)
         if bank_dir is None and not train_labeled:
@@ -40,6 +44,7 @@ class ImageFolderDataModule(SSLDataModule):
         self.train_dir, self.val_dir, self.bank_dir = train_dir, val_dir, bank_dir or train_dir
         self.train_labeled = train_labeled
         self.mean, self.std = mean, std
+        self.device_augment = device_augment
         _, classes = scan_folder(val_dir, labeled=True)
         self.classes = classes
         self.num_classes = len(classes)

@@ -39,6 +39,17 @@ def embedding_std(z: torch.Tensor) -> torch.Tensor:
     return F.normalize(z.detach().float(), dim=1).std(dim=0).mean()
 
 
+def compile_views(views: nn.Module) -> nn.Module:
+    """``torch.compile`` the device views: the whole module, or its ``views`` submodule when
+    it also does host work (iBOT's masks)."""
+    from sslzoo.augment import DeviceViews
+
+    if isinstance(views, DeviceViews):
+        return torch.compile(views, fullgraph=True)
+    views.views = torch.compile(views.views, fullgraph=True)
+    return views
+
+
 def frozen_copy(module: nn.Module) -> nn.Module:
     """A deep copy with gradients off, used as an EMA teacher."""
     teacher = copy.deepcopy(module)
@@ -147,27 +158,29 @@ class SSLMethod(L.LightningModule):
         return None
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """A batch of uint8 images (from a datamodule with ``device_augment``) becomes
-        ``(views, labels)`` here, on its device, so ``training_step`` is unchanged."""
+        """A batch of uint8 images, or of uint8 views already cropped in the workers (from a
+        datamodule with ``device_augment``), becomes ``(views, labels)`` here, on its device,
+        so ``training_step`` is unchanged."""
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             return batch
         images, labels = batch
-        if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8):
+        first = images[0] if isinstance(images, (tuple, list)) and images else images
+        if not (isinstance(first, torch.Tensor) and first.dtype == torch.uint8):
             return batch
         cache = getattr(self, "_device_views", None)  # a dict: not registered as a submodule
-        if cache is None or cache["device"] != images.device:
+        if cache is None or cache["device"] != first.device:
             dm = self.trainer.datamodule if self._trainer is not None else None
             if dm is None:
                 raise RuntimeError("uint8 batches need a datamodule giving image_size/mean/std")
             views = self.device_view_transform(dm.image_size, dm.mean, dm.std)
             if views is None:
                 raise ValueError(f"{type(self).__name__} has no device views for uint8 batches")
-            views = views.to(images.device)
+            views = views.to(first.device)
             if getattr(dm, "compile_augment", False):
-                views = torch.compile(views, fullgraph=True)
-            self._device_views = cache = {"device": images.device, "views": views}
+                views = compile_views(views)
+            self._device_views = cache = {"device": first.device, "views": views}
         if self._trainer is not None and self.trainer.training:
-            self._seed_device_augmentation(images.device)
+            self._seed_device_augmentation(first.device)
         return cache["views"](images), labels
 
     def _seed_device_augmentation(self, device: torch.device) -> None:
@@ -184,8 +197,9 @@ class SSLMethod(L.LightningModule):
         if device.type == "cuda":
             index = device.index if device.index is not None else torch.cuda.current_device()
             torch.cuda.default_generators[index].manual_seed(seed)
-        else:
-            torch.default_generator.manual_seed(seed)
+        # host-side draws of the views too (iBOT's masks); BatchSeed reseeds the host
+        # generators for the training step itself
+        torch.default_generator.manual_seed(seed)
 
     def teacher_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(student, teacher) module pairs updated by the EMA callback; none by default."""

@@ -36,6 +36,7 @@ from timm.layers import DropPath
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from sslzoo.augment.views import dino_views
 from sslzoo.methods.base import LRScaling, SSLMethod, ViewTransform, forward_multicrop, frozen_copy
 from sslzoo.methods.optim import OptimizerName
 from sslzoo.methods.schedules import linear_warmup
@@ -481,9 +482,10 @@ class DINO(SSLMethod):
         size = self.hparams.local_crop_size
         return size or default_local_crop_size(image_size, patch_size_of(self.backbone))
 
-    def view_transform(
+    def multicrop_settings(
         self, image_size: int, mean: Sequence[float], std: Sequence[float]
-    ) -> ViewTransform:
+    ) -> dict[str, Any]:
+        """The arguments of the multi-crop recipe, shared by the PIL and the device views."""
         hp = self.hparams
         local_size = self.local_crop_size(image_size)
         vit = self.backbone.model
@@ -497,22 +499,32 @@ class DINO(SSLMethod):
                 f"local crops of {local_size} px need a ViT that accepts other sizes than "
                 f"{image_size} px: set backbone_kwargs.dynamic_img_size: true"
             )
-        return multicrop_transform(
-            image_size,
-            local_size,
-            hp.local_crops_number,
-            hp.global_crops_scale,
-            hp.local_crops_scale,
-            hp.color_jitter,
-            hp.color_jitter_prob,
-            hp.grayscale_prob,
-            hp.blur_prob,
-            hp.solarize_prob,
-            hp.blur_sigma,
-            hp.hflip_prob,
-            mean,
-            std,
+        return dict(
+            global_size=image_size,
+            local_size=local_size,
+            local_crops_number=hp.local_crops_number,
+            global_crops_scale=tuple(hp.global_crops_scale),
+            local_crops_scale=tuple(hp.local_crops_scale),
+            color_jitter=tuple(hp.color_jitter),
+            color_jitter_prob=hp.color_jitter_prob,
+            grayscale_prob=hp.grayscale_prob,
+            blur_prob=tuple(hp.blur_prob),
+            solarize_prob=hp.solarize_prob,
+            blur_sigma=tuple(hp.blur_sigma),
+            hflip_prob=hp.hflip_prob,
+            mean=mean,
+            std=std,
         )
+
+    def view_transform(
+        self, image_size: int, mean: Sequence[float], std: Sequence[float]
+    ) -> ViewTransform:
+        return multicrop_transform(**self.multicrop_settings(image_size, mean, std))
+
+    def device_view_transform(
+        self, image_size: int, mean: Sequence[float], std: Sequence[float]
+    ) -> nn.Module | None:
+        return dino_views(**self.multicrop_settings(image_size, mean, std))
 
     # ----------------------------------------------------------------- schedules
     @property

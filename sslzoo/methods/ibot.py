@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from sslzoo.augment.views import DeviceViews, ViewRecipe
 from sslzoo.methods.base import LRScaling, ViewTransform, forward_multicrop
 from sslzoo.methods.dino import (
     DINO,
@@ -203,7 +204,7 @@ class IBOTMaskGenerator:
     rest 0.3 +- 0.2. ``block``: BEiT's block masking (rectangles of area at least
     ``(min(H, W) // 3) ** 2`` and aspect ratio log-uniform in ``pred_aspect_ratio``, added until
     the target is reached or nothing fits); ``rand``: exactly ``int(ratio * H * W)`` patches.
-    Uses Python's and NumPy's RNGs, which the dataloader seeds per worker.
+    Draws from Python's generator (seeded per item by the training loader) or a given one.
     """
 
     def __init__(
@@ -227,24 +228,26 @@ class IBOTMaskGenerator:
         self.pred_shape = pred_shape
         self.log_aspect_ratio = tuple(math.log(a) for a in pred_aspect_ratio)
 
-    def sample_ratio(self) -> float:
+    def sample_ratio(self, rng: random.Random | None = None) -> float:
+        rng = rng or random
         choices = [
-            random.uniform(r - v, r + v) if v > 0 else r
+            rng.uniform(r - v, r + v) if v > 0 else r
             for r, v in zip(self.ratios, self.variances, strict=True)
         ]
-        return random.choice(choices)
+        return rng.choice(choices)
 
-    def __call__(self, height: int, width: int) -> torch.Tensor:
-        """A boolean (height, width) mask, True where the patch is masked."""
-        high = self.sample_ratio() * height * width
+    def __call__(self, height: int, width: int, rng: random.Random | None = None) -> torch.Tensor:
+        """A boolean (height, width) mask, True where the patch is masked; draws from ``rng``
+        (Python's global generator by default)."""
+        rng = rng or random
+        high = self.sample_ratio(rng) * height * width
         if self.pred_shape == "rand":
-            count = int(high)
-            mask = np.hstack([np.zeros(height * width - count), np.ones(count)]).astype(bool)
-            np.random.shuffle(mask)
+            mask = np.zeros(height * width, dtype=bool)
+            mask[rng.sample(range(height * width), int(high))] = True
             return torch.from_numpy(mask.reshape(height, width))
-        return torch.from_numpy(self._block_mask(height, width, high))
+        return torch.from_numpy(self._block_mask(height, width, high, rng))
 
-    def _block_mask(self, height: int, width: int, high: float) -> np.ndarray:
+    def _block_mask(self, height: int, width: int, high: float, rng: Any) -> np.ndarray:
         mask = np.zeros((height, width), dtype=bool)
         mask_count = 0
         while mask_count < high:
@@ -252,13 +255,13 @@ class IBOTMaskGenerator:
             delta = 0
             for _ in range(10):
                 low = (min(height, width) // 3) ** 2
-                target_area = random.uniform(low, max_mask_patches)
-                aspect_ratio = math.exp(random.uniform(*self.log_aspect_ratio))
+                target_area = rng.uniform(low, max_mask_patches)
+                aspect_ratio = math.exp(rng.uniform(*self.log_aspect_ratio))
                 h = int(round(math.sqrt(target_area * aspect_ratio)))
                 w = int(round(math.sqrt(target_area / aspect_ratio)))
                 if w < width and h < height:
-                    top = random.randint(0, height - h)
-                    left = random.randint(0, width - w)
+                    top = rng.randint(0, height - h)
+                    left = rng.randint(0, width - w)
                     block = mask[top : top + h, left : left + w]
                     num_new = h * w - int(block.sum())
                     if 0 < num_new <= max_mask_patches:
@@ -291,6 +294,42 @@ class MultiCropWithMasks:
     def __call__(self, image: Image.Image) -> dict[str, list[torch.Tensor]]:
         masks = [self.generator(*self.grid) for _ in range(self.num_masks)]
         return {"views": self.crops(image), "masks": masks}
+
+
+class MaskedDeviceViews(nn.Module):
+    """The device path of :class:`MultiCropWithMasks`: multi-crop views made on the device,
+    plus one mask per global crop and image. The masks are drawn on the host (BEiT's rejection
+    loop does not batch) from a seed taken from torch's CPU generator, which the method seeds
+    per batch, and copied to the device without waiting for it."""
+
+    def __init__(
+        self,
+        views: DeviceViews,
+        grid: tuple[int, int],
+        generator: IBOTMaskGenerator,
+        num_masks: int = 2,
+    ) -> None:
+        super().__init__()
+        self.views = views
+        self.grid = grid
+        self.generator = generator
+        self.num_masks = num_masks
+
+    @property
+    def recipes(self) -> list[ViewRecipe]:
+        return self.views.recipes
+
+    def forward(self, images: torch.Tensor | list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+        first = images if isinstance(images, torch.Tensor) else images[0]
+        rng = random.Random(int(torch.randint(0, 2**62, (1,))))  # a CPU draw: no device sync
+        masks = torch.stack(
+            [torch.stack([self.generator(*self.grid, rng) for _ in range(self.num_masks)])
+             for _ in range(first.shape[0])]
+        )  # fmt: skip
+        if first.device.type == "cuda":
+            masks = masks.pin_memory()
+        masks = masks.to(first.device, non_blocking=True)
+        return {"views": self.views(images), "masks": list(masks.unbind(1))}
 
 
 # ----------------------------------------------------------------------------- ViT forward
@@ -557,6 +596,13 @@ class IBOT(DINO):
         grid = image_size // patch_size_of(self.backbone)
         crops = super().view_transform(image_size, mean, std)
         return MultiCropWithMasks(crops, (grid, grid), self.mask_generator)
+
+    def device_view_transform(
+        self, image_size: int, mean: Sequence[float], std: Sequence[float]
+    ) -> nn.Module | None:
+        grid = image_size // patch_size_of(self.backbone)
+        views = super().device_view_transform(image_size, mean, std)
+        return MaskedDeviceViews(views, (grid, grid), self.mask_generator)
 
     def teacher_patch_temperature(self, epoch: int) -> float:
         """The patch temperature warmup, delayed to start at ``pred_start_epoch``."""

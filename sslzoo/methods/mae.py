@@ -25,6 +25,7 @@ from timm.layers import LayerNorm
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from sslzoo.augment.views import mae_views
 from sslzoo.methods.base import LRScaling, SSLMethod, ViewTransform
 from sslzoo.methods.optim import OptimizerName
 
@@ -196,6 +197,11 @@ class MAE(SSLMethod):
             min_scale=self.hparams.crop_min_scale,
             normalize={"mean": list(mean), "std": list(std)},
         )
+
+    def device_view_transform(
+        self, image_size: int, mean: Sequence[float], std: Sequence[float]
+    ) -> nn.Module | None:
+        return mae_views(image_size, mean, std, min_scale=self.hparams.crop_min_scale)
 
     # ----------------------------------------------------------------- the model, top to bottom
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from lightly.transforms import SwaVTransform
 from torch import nn
 
+from sslzoo.augment.views import swav_views
 from sslzoo.methods.base import LRScaling, SSLMethod, ViewTransform, forward_multicrop
 from sslzoo.methods.optim import OptimizerName
 from sslzoo.sharding import full_tensor
@@ -259,11 +260,11 @@ class SwAV(SSLMethod):
         sizes = self.hparams.size_crops
         return [max(1, round(s * image_size / sizes[0])) for s in sizes]
 
-    def view_transform(
-        self, image_size: int, mean: Sequence[float], std: Sequence[float]
-    ) -> ViewTransform:
+    def crop_settings(self, image_size: int) -> dict[str, Any]:
+        """lightly's ``SwaVTransform`` arguments (but normalisation) of the recipe, shared by
+        the PIL and the device views."""
         hp = self.hparams
-        return SwaVTransform(
+        return dict(
             crop_sizes=tuple(self.crop_sizes(image_size)),
             crop_counts=tuple(hp.nmb_crops),
             crop_min_scales=tuple(hp.min_scale_crops),
@@ -274,7 +275,6 @@ class SwAV(SSLMethod):
             random_gray_scale=hp.grayscale_prob,
             gaussian_blur=hp.blur_prob,
             sigmas=tuple(hp.blur_sigma),
-            normalize={"mean": list(mean), "std": list(std)},
         )
 
     # ----------------------------------------------------------------- prototypes and queue
@@ -289,6 +289,17 @@ class SwAV(SSLMethod):
         if self.global_step < self.hparams.freeze_prototypes_niters:
             for p in self.prototypes.parameters():
                 p.grad = None
+    def view_transform(
+        self, image_size: int, mean: Sequence[float], std: Sequence[float]
+    ) -> ViewTransform:
+        normalize = {"mean": list(mean), "std": list(std)}
+        return SwaVTransform(**self.crop_settings(image_size), normalize=normalize)
+
+    def device_view_transform(
+        self, image_size: int, mean: Sequence[float], std: Sequence[float]
+    ) -> nn.Module | None:
+        return swav_views(**self.crop_settings(image_size), mean=mean, std=std)
+
 
     def _queue_for(self, batch_size: int, device: torch.device) -> torch.Tensor | None:
         """This rank's queue, created at ``epoch_queue_starts`` (or resized after a restore
