@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from sslzoo.datamodules.epoch_loader import ResumePoint
 from sslzoo.seeding import global_seed
 
 
@@ -51,9 +52,7 @@ class DeviceBatches:
         self.batch_size = batch_size
         self.datamodule = datamodule
         self._on_device: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._epoch = -1
-        self._position = 0
-        self._resume: dict[str, int] | None = None
+        self.resume_point = ResumePoint()
 
     def _context(self) -> tuple[torch.device, int, int]:
         trainer = self.datamodule.trainer
@@ -79,19 +78,15 @@ class DeviceBatches:
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(shuffle_seed))
         per_rank = len(images) // world
         order = order[rank : per_rank * world : world].to(device)
-        start = 0
-        if self._resume is not None and self._resume["epoch"] == epoch:
-            start = self._resume["batches"]
-        self._resume, self._epoch = None, epoch
-        for b in range(start, len(self)):
-            self._position = b + 1
+        for b in range(self.resume_point.start(epoch), len(self)):
             index = order[b * self.batch_size : (b + 1) * self.batch_size]
+            self.resume_point.advance()
             yield images.index_select(0, index), labels.index_select(0, index)
 
     def state_dict(self) -> dict[str, int]:
         """``{"epoch": e, "batches": consumed}`` of the current epoch."""
-        return {"epoch": self._epoch, "batches": self._position}
+        return self.resume_point.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         """Resume the next epoch at ``state_dict``'s batch if it is the same epoch."""
-        self._resume = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"])}
+        self.resume_point.load_state_dict(state_dict)

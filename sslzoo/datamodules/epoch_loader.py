@@ -55,6 +55,39 @@ class SeededItems(Dataset):
                 torch.set_rng_state(saved[2])
 
 
+class ResumePoint:
+    """Where a resumable training loader stands: the epoch and the batches consumed in it.
+
+    ``state_dict()`` is ``{"epoch": e, "batches": consumed}``; Lightning saves it in every
+    checkpoint and loads it when it resumes mid-epoch. :meth:`start` then tells the next epoch
+    how many batches to skip: the restored count if it is the same epoch, else none (a
+    checkpoint taken on an epoch's last batch resumes at the next epoch's start).
+    """
+
+    def __init__(self) -> None:
+        self.epoch, self.batches = -1, 0
+        self._restored: dict[str, int] | None = None
+
+    def start(self, epoch: int) -> int:
+        """Begin ``epoch``; returns the batches already consumed in it."""
+        restored, self._restored = self._restored, None
+        same = restored is not None and restored["epoch"] == epoch
+        self.epoch, self.batches = epoch, restored["batches"] if same else 0
+        return self.batches
+
+    def advance(self) -> None:
+        """One more batch consumed."""
+        self.batches += 1
+
+    def state_dict(self) -> dict[str, int]:
+        if self._restored is not None:  # restored, not started yet
+            return dict(self._restored)
+        return {"epoch": self.epoch, "batches": self.batches}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._restored = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"])}
+
+
 class RemainingBatches:
     """The batches of ``batch_sampler`` from batch number ``start`` on, as lists of
     ``(index, position)`` keys for :class:`SeededItems`. Skipped batches are drawn from the
@@ -82,26 +115,24 @@ class EpochIterator(Iterator):
 
     def __init__(self, loader: EpochSeededLoader) -> None:
         self.loader = loader
-        self.epoch: int | None = None
-        self.position = 0  # batches of this epoch consumed, skipped ones included
         self._batches: Iterator[Any] | None = None
 
     def __next__(self) -> Any:
         if self._batches is None:
             self._batches = self._start()
         batch = next(self._batches)
-        self.position += 1
+        self.loader.resume_point.advance()
         return batch
 
     def _start(self) -> Iterator[Any]:
         loader = self.loader
-        self.epoch = loader.current_epoch()
-        seed = loader.epoch_seed(self.epoch)
+        epoch = loader.current_epoch()
+        seed = loader.epoch_seed(epoch)
         loader.generator.manual_seed(seed)  # the shuffle order
-        self.position = loader.take_resume_position(self.epoch)
+        skip = loader.resume_point.start(epoch)
         epoch_loader = DataLoader(
             SeededItems(loader.dataset, seed),
-            batch_sampler=RemainingBatches(loader.batch_sampler, self.position),
+            batch_sampler=RemainingBatches(loader.batch_sampler, skip),
             num_workers=loader.num_workers,
             collate_fn=loader.collate_fn,
             pin_memory=loader.pin_memory,
@@ -126,10 +157,8 @@ class EpochSeededLoader(DataLoader):
     ``item_seed(epoch_seed, p)``: a resumed run sees the order and augmentations of an
     uninterrupted one, whatever the number of workers.
 
-    ``state_dict()`` is ``{"epoch", "batches"}``: the epoch and the batches consumed in it.
-    Lightning saves it in every checkpoint and loads it when it resumes mid-epoch; the next
-    epoch iterator then skips those batches without loading them (only if it is the same epoch:
-    a checkpoint taken on an epoch's last batch resumes at the next epoch's start).
+    ``state_dict()`` is its :class:`ResumePoint`'s: after a mid-epoch restore the next epoch
+    iterator skips the batches consumed without loading them.
 
     Args:
         current_epoch: the index of the epoch being (or about to be) trained.
@@ -151,25 +180,15 @@ class EpochSeededLoader(DataLoader):
             raise ValueError("EpochSeededLoader needs a batch size (it resumes whole batches)")
         self.current_epoch = current_epoch
         self.epoch_seed = epoch_seed
-        self._live: EpochIterator | None = None
-        self._resume: dict[str, int] | None = None
+        self.resume_point = ResumePoint()
 
     def __iter__(self) -> EpochIterator:
-        self._live = EpochIterator(self)
-        return self._live
+        return EpochIterator(self)
 
     def state_dict(self) -> dict[str, int]:
         """Where the current epoch stands: ``{"epoch": e, "batches": consumed}``."""
-        live = self._live
-        if live is not None and live.epoch is not None:
-            return {"epoch": live.epoch, "batches": live.position}
-        return dict(self._resume or {"epoch": -1, "batches": 0})
+        return self.resume_point.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         """Resume the next epoch iterator at ``state_dict`` (if it is the same epoch)."""
-        self._resume = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"])}
-
-    def take_resume_position(self, epoch: int) -> int:
-        """Batches to skip in ``epoch``: the restored position if it is that epoch, else 0."""
-        resume, self._resume = self._resume, None
-        return resume["batches"] if resume is not None and resume["epoch"] == epoch else 0
+        self.resume_point.load_state_dict(state_dict)
