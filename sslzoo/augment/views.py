@@ -114,9 +114,7 @@ class DeviceViews(nn.Module):
                 return [self.view(x, i, generator) for i in range(len(self.recipes))]
             if len(images) != len(self.recipes):
                 raise ValueError(f"{len(images)} cropped views for {len(self.recipes)} recipes")
-            return [
-                self.photometric(_unit_float(v), i, generator) for i, v in enumerate(images)
-            ]
+            return [self.photometric(_unit_float(v), i, generator) for i, v in enumerate(images)]
 
     def view(
         self, x: torch.Tensor, index: int, generator: torch.Generator | None = None

@@ -240,6 +240,13 @@ class SSLMethod(L.LightningModule):
         self.log("train/embedding_std", embedding_std(embeddings))
         return {"loss": loss, "features": features.detach(), "labels": labels}
 
+    def log_scalar(self, name: str, value: float, **kwargs: Any) -> None:
+        """``self.log`` of a Python number without a host-device sync: the value is written
+        into a device tensor by a fill kernel, where Lightning's own conversion
+        (``torch.tensor(value, device=...)``) is a blocking host-to-device copy."""
+        tensor = torch.full((), value, dtype=torch.get_default_dtype(), device=self.device)
+        self.log(name, tensor, **kwargs)
+
     def check_finite(self) -> None:
         """Stop the run if any loss so far was NaN or infinite (one host sync)."""
         step = int(self._first_nonfinite_step)
@@ -344,8 +351,18 @@ class SSLMethod(L.LightningModule):
         for g in groups:
             g["base_weight_decay"] = g["weight_decay"]
         st = self.settings
+        # A fused step unscales fp16 gradients itself, after the gradient hooks and clipping
+        # (DINO's per-parameter clip) that need them unscaled: not fused under a GradScaler.
+        plugin = self.trainer.precision_plugin if self._trainer is not None else None
+        scaled = getattr(plugin, "scaler", None) is not None
         return build_optimizer(
-            st.optimizer, groups, st.lr, st.momentum, st.betas, st.lars_trust_coefficient
+            st.optimizer,
+            groups,
+            st.lr,
+            st.momentum,
+            st.betas,
+            st.lars_trust_coefficient,
+            fused=False if scaled else None,
         )
 
     def learning_rate_at(self, step: int) -> float:
@@ -372,4 +389,4 @@ class SSLMethod(L.LightningModule):
             for g in opt.param_groups:
                 g["lr"] = self.scaled_lr if g.get("fixed_lr") else lr
                 g["weight_decay"] = self.weight_decay_at(step, g["base_weight_decay"])
-        self.log("train/lr", lr)
+        self.log_scalar("train/lr", lr)

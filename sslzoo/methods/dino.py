@@ -551,7 +551,7 @@ class DINO(SSLMethod):
         student_out = student_out.chunk(len(views))
         temp = self.teacher_temperature(self.epoch)
         loss = self.criterion(student_out, teacher_out, temp)
-        self.log("train/teacher_temp", temp)
+        self.log_scalar("train/teacher_temp", temp)
         # The probe watches the teacher's features: the teacher is what DINO evaluates.
         return self.training_outputs(loss, student_out[0], teacher_features[0], labels)
 

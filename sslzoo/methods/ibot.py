@@ -651,10 +651,10 @@ class IBOT(DINO):
             {
                 "train/loss_cls": loss_cls,
                 "train/loss_patch": loss_patch,
-                "train/teacher_temp": temp,
-                "train/teacher_patch_temp": patch_temp,
                 "train/mask_ratio": torch.cat(masks).float().mean(),
             }
         )
+        self.log_scalar("train/teacher_temp", temp)
+        self.log_scalar("train/teacher_patch_temp", patch_temp)
         features = teacher_tokens[: len(labels), 0]
         return self.training_outputs(loss_cls + loss_patch, student_cls[0], features, labels)

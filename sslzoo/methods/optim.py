@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any, Literal
 
 import torch
@@ -28,6 +28,19 @@ def split_decay(
     return decay, no_decay
 
 
+def use_fused(params: Iterable[torch.Tensor], device_types: Collection[str] = ("cuda",)) -> bool:
+    """Whether to take torch's fused SGD/AdamW kernels: every parameter is a plain
+    floating-point tensor (not a DTensor or another tensor subclass) on one of
+    ``device_types`` (CUDA, where one fused kernel beats the foreach kernels)."""
+    params = list(params)
+    return bool(params) and all(
+        type(p) in (torch.Tensor, nn.Parameter)
+        and p.device.type in device_types
+        and torch.is_floating_point(p)
+        for p in params
+    )
+
+
 def build_optimizer(
     name: OptimizerName,
     groups: list[dict[str, Any]],
@@ -35,17 +48,29 @@ def build_optimizer(
     momentum: float,
     betas: tuple[float, float],
     trust_coefficient: float,
+    *,
+    fused: bool | None = None,
 ) -> torch.optim.Optimizer:
     """Build the optimizer; each group carries its own ``weight_decay``.
 
     LARS is lightly's, which skips the trust-ratio adaptation for groups whose weight decay is
     0: with biases and norms in the no-decay group this is the official SimCLR/BYOL/MoCo v3
     rule of excluding them from both decay and adaptation.
+
+    ``fused`` picks torch's fused SGD/AdamW kernels: ``None`` when :func:`use_fused` says so,
+    ``False`` never (torch's default, foreach kernels on CUDA), ``True`` always (torch refuses
+    parameters its fused kernels do not support). LARS has no fused kernel.
     """
+    if fused is None:
+        fused = name != "lars" and use_fused(p for g in groups for p in g["params"])
+    # fused=False would also turn off torch's automatic foreach: pass None instead
+    kernels: dict[str, Any] = {"fused": True} if fused else {}
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, **kernels)
     if name == "lars":
+        if fused:
+            raise ValueError("LARS has no fused kernel; pass fused=None or False")
         return LARS(groups, lr=lr, momentum=momentum, trust_coefficient=trust_coefficient)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, **kernels)
     raise ValueError(f"unknown optimizer {name!r}; choose one of sgd, lars, adamw")

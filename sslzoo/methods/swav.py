@@ -43,6 +43,15 @@ def _world_size() -> int:
     return dist.get_world_size() if _distributed() else 1
 
 
+def filled_rows(queue: torch.Tensor) -> int:
+    """Rows of a queue (crops x length x dim) up to its last row holding a non-zero value
+    (one host read). The queue fills from the front with L2-normalised, so non-zero,
+    embeddings: these are the rows pushed so far."""
+    used = queue.ne(0).any(dim=2).any(dim=0)
+    rows = torch.arange(1, used.numel() + 1, device=queue.device)
+    return int((rows * used).max()) if used.numel() else 0
+
+
 class SwAVProjectionHead(nn.Sequential):
     """``src/resnet50.py`` ``projection_head``: Linear -> BN -> ReLU -> Linear, all with bias.
 
@@ -141,7 +150,9 @@ class SwAV(SSLMethod):
     rank (``queue_length`` is first cut to a multiple of the global batch). Its prototype scores
     join the Sinkhorn input once it is full. It is a plain tensor attribute, not a buffer, so
     DDP's buffer broadcast does not overwrite each rank's queue with rank 0's; every rank's
-    queue is saved in the checkpoint (``swav_queue``) and restored on resume.
+    queue is saved in the checkpoint (``swav_queue``) and restored on resume. Its filled rows are
+    counted on the host, so the training step never reads the queue back to see whether it is
+    full (the official test of its last row).
 
     Optimiser: the official code wraps SGD in LARC (trust 0.001, no clipping) over all
     parameters with weight decay 1e-6, biases and BN included; lightly's LARS with one decayed
@@ -252,7 +263,8 @@ class SwAV(SSLMethod):
         )
         self.projection_head = SwAVProjectionHead(self.backbone.num_features, hidden_mlp, feat_dim)
         self.prototypes = nn.Linear(feat_dim, nmb_prototypes, bias=False)
-        self.queue: torch.Tensor | None = None
+        self._queue: torch.Tensor | None = None
+        self._queue_rows = 0  # rows filled so far, counted on the host
 
     # ----------------------------------------------------------------- views
     def crop_sizes(self, image_size: int) -> list[int]:
@@ -277,6 +289,17 @@ class SwAV(SSLMethod):
             sigmas=tuple(hp.blur_sigma),
         )
 
+    def view_transform(
+        self, image_size: int, mean: Sequence[float], std: Sequence[float]
+    ) -> ViewTransform:
+        normalize = {"mean": list(mean), "std": list(std)}
+        return SwaVTransform(**self.crop_settings(image_size), normalize=normalize)
+
+    def device_view_transform(
+        self, image_size: int, mean: Sequence[float], std: Sequence[float]
+    ) -> nn.Module | None:
+        return swav_views(**self.crop_settings(image_size), mean=mean, std=std)
+
     # ----------------------------------------------------------------- prototypes and queue
     @torch.no_grad()
     def normalize_prototypes(self) -> None:
@@ -289,17 +312,17 @@ class SwAV(SSLMethod):
         if self.global_step < self.hparams.freeze_prototypes_niters:
             for p in self.prototypes.parameters():
                 p.grad = None
-    def view_transform(
-        self, image_size: int, mean: Sequence[float], std: Sequence[float]
-    ) -> ViewTransform:
-        normalize = {"mean": list(mean), "std": list(std)}
-        return SwaVTransform(**self.crop_settings(image_size), normalize=normalize)
 
-    def device_view_transform(
-        self, image_size: int, mean: Sequence[float], std: Sequence[float]
-    ) -> nn.Module | None:
-        return swav_views(**self.crop_settings(image_size), mean=mean, std=std)
+    @property
+    def queue(self) -> torch.Tensor | None:
+        """This rank's queue (crops x length x feat_dim), newest embeddings first."""
+        return self._queue
 
+    @queue.setter
+    def queue(self, queue: torch.Tensor | None) -> None:
+        """Replace the queue (checkpoint restore); its filled rows are counted here, once."""
+        self._queue = queue
+        self._queue_rows = 0 if queue is None else filled_rows(queue)
 
     def _queue_for(self, batch_size: int, device: torch.device) -> torch.Tensor | None:
         """This rank's queue, created at ``epoch_queue_starts`` (or resized after a restore
@@ -316,14 +339,16 @@ class SwAV(SSLMethod):
             raise ValueError(
                 f"queue_length {hp.queue_length} is shorter than the global batch {global_batch}"
             )
-        if self.queue is None or self.queue.shape[1] != length:
+        if self._queue is None or self._queue.shape[1] != length:
             queue = torch.zeros(len(hp.crops_for_assign), length, hp.feat_dim, device=device)
-            if self.queue is not None:
-                n = min(length, self.queue.shape[1])
-                queue[:, :n] = self.queue[:, :n]
-            self.queue = queue
-        self.queue = self.queue.to(device)
-        return self.queue
+            rows = 0
+            if self._queue is not None:
+                n = min(length, self._queue.shape[1])
+                queue[:, :n] = self._queue[:, :n]
+                rows = min(self._queue_rows, n)
+            self._queue, self._queue_rows = queue, rows
+        self._queue = self._queue.to(device)
+        return self._queue
 
     @torch.no_grad()
     def queue_scores(self, embeddings: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
@@ -334,12 +359,14 @@ class SwAV(SSLMethod):
         if queue is None:
             return None
         scores = None
-        if not torch.all(queue[:, -1] == 0):
+        length = queue.shape[1]
+        if self._queue_rows >= length:  # its last row is filled (official: last row != 0)
             weight = full_tensor(self.prototypes.weight).to(queue.dtype)  # gathered if sharded
             scores = [queue[i] @ weight.t() for i in range(len(queue))]
         for i, crop_id in enumerate(self.hparams.crops_for_assign):
             queue[i, batch:] = queue[i, :-batch].clone()
             queue[i, :batch] = embeddings[crop_id]
+        self._queue_rows = min(self._queue_rows + batch, length)
         return scores
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
