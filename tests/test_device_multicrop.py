@@ -21,6 +21,7 @@ from torchvision.transforms import InterpolationMode
 
 from sslzoo.augment import CropViews, DeviceViews, ViewRecipe, ops, simclr_views
 from sslzoo.datamodules import CIFAR10DataModule, ImageFolderDataModule
+from sslzoo.methods.base import compile_views
 from sslzoo.methods.dino import DINO
 from sslzoo.methods.ibot import IBOT
 from sslzoo.methods.mae import MAE
@@ -271,3 +272,26 @@ def test_image_folder_device_path_crops_in_workers_and_trains(
     # worker crops are seeded per item and device photometry per batch: another model
     # initialisation sees the same views
     assert all(torch.equal(a, b) for a, b in zip(views, again, strict=True))
+
+
+def test_device_views_compile_as_one_graph() -> None:
+    # fullgraph tracing fails on any graph break (a host read, Python branching on a tensor);
+    # the eager backend keeps the test quick and the random draws those of eager mode
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    dino = DINO(**SMALL_DINO, local_crops_number=2, local_crop_size=8, solarize_prob=0.5)
+    ibot = IBOT(**TINY_IBOT, local_crops_number=2)
+    for views in (
+        simclr_views(16, MEAN, STD, gaussian_blur=0.5),
+        dino.device_view_transform(16, MEAN, STD),
+        ibot.device_view_transform(16, MEAN, STD),
+    ):
+        torch.manual_seed(0)
+        eager = views(images)
+        compiled = compile_views(views, backend="eager")
+        torch.manual_seed(0)
+        out = compiled(images)
+        if isinstance(out, dict):  # iBOT: only the views are compiled, masks stay eager
+            assert isinstance(compiled.views, torch._dynamo.eval_frame.OptimizedModule)
+            eager, out = eager["views"], out["views"]
+        for a, b in zip(eager, out, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

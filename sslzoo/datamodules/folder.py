@@ -21,6 +21,8 @@ class ImageFolderDataModule(SSLDataModule):
         device_augment: workers decode each image and cut its views (random resized crop and
             flip, uint8); the method runs the photometric steps on the device with
             :meth:`~sslzoo.methods.base.SSLMethod.device_view_transform`.
+        compile_augment: with ``device_augment``, run the device steps through
+            ``torch.compile``.
     """
 
     def __init__(
@@ -37,6 +39,7 @@ class ImageFolderDataModule(SSLDataModule):
         std: tuple[float, float, float] = (0.229, 0.224, 0.225),
         pin_memory: bool = True,
         device_augment: bool = False,
+        compile_augment: bool = False,
     ) -> None:
         super().__init__(batch_size, num_workers, image_size, eval_resize_ratio, pin_memory)
         if bank_dir is None and not train_labeled:
@@ -45,6 +48,7 @@ class ImageFolderDataModule(SSLDataModule):
         self.train_labeled = train_labeled
         self.mean, self.std = mean, std
         self.device_augment = device_augment
+        self.compile_augment = compile_augment
         _, classes = scan_folder(val_dir, labeled=True)
         self.classes = classes
         self.num_classes = len(classes)

@@ -39,14 +39,14 @@ def embedding_std(z: torch.Tensor) -> torch.Tensor:
     return F.normalize(z.detach().float(), dim=1).std(dim=0).mean()
 
 
-def compile_views(views: nn.Module) -> nn.Module:
-    """``torch.compile`` the device views: the whole module, or its ``views`` submodule when
-    it also does host work (iBOT's masks)."""
+def compile_views(views: nn.Module, backend: str = "inductor") -> nn.Module:
+    """``torch.compile`` the device views as one graph: the whole module, or its ``views``
+    submodule when it also does host work (iBOT's masks)."""
     from sslzoo.augment import DeviceViews
 
     if isinstance(views, DeviceViews):
-        return torch.compile(views, fullgraph=True)
-    views.views = torch.compile(views.views, fullgraph=True)
+        return torch.compile(views, fullgraph=True, backend=backend)
+    views.views = torch.compile(views.views, fullgraph=True, backend=backend)
     return views
 
 
