@@ -22,6 +22,17 @@ TINY_RESNET = {
     "cifar_stem": True,
 }
 
+# SwAV on TINY_RESNET with small heads and two crop sizes (2 x 16 px, 2 x 8 px).
+SMALL_SWAV = {
+    **TINY_RESNET,
+    "hidden_mlp": 32,
+    "feat_dim": 16,
+    "nmb_prototypes": 24,
+    "nmb_crops": (2, 2),
+    "size_crops": (16, 8),
+    "sync_batchnorm": False,
+}
+
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

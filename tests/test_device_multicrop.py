@@ -41,12 +41,10 @@ from tests.augment_helpers import (
     smooth_images,
     view_statistics,
 )
-from tests.conftest import TINY_RESNET
+from tests.conftest import SMALL_SWAV, TINY_RESNET
 from tests.helpers import quiet_trainer
 
 SMALL_DINO = dict(**TINY_RESNET, out_dim=64, hidden_dim=32, bottleneck_dim=16)
-SMALL_SWAV = dict(**TINY_RESNET, hidden_mlp=32, feat_dim=16, nmb_prototypes=24,
-                  sync_batchnorm=False)  # fmt: skip
 TINY_MAE = dict(
     backbone="vit_tiny_patch16_224",
     backbone_kwargs=dict(img_size=16, patch_size=4, depth=1, embed_dim=32, num_heads=2),
@@ -102,10 +100,10 @@ def test_bicubic_views_stay_in_range() -> None:
                     0.3), color_jitter=(0.3, 0.2, 0.1, 0.05), color_jitter_prob=0.7,
                     grayscale_prob=0.1, blur_prob=(0.9, 0.2, 0.4), solarize_prob=0.3,
                     blur_sigma=(0.2, 1.5), hflip_prob=0.4, **SMALL_DINO), 32),
-        (SwAV, dict(nmb_crops=(2, 3), size_crops=(224, 96), min_scale_crops=(0.2, 0.06),
-                    max_scale_crops=(0.9, 0.2), hflip_prob=0.3, color_jitter_prob=0.6,
-                    color_jitter_strength=0.5, grayscale_prob=0.3, blur_prob=0.4,
-                    blur_sigma=(0.2, 1.8), **SMALL_SWAV), 32),
+        (SwAV, {**SMALL_SWAV, **dict(nmb_crops=(2, 3), size_crops=(224, 96),
+                    min_scale_crops=(0.2, 0.06), max_scale_crops=(0.9, 0.2), hflip_prob=0.3,
+                    color_jitter_prob=0.6, color_jitter_strength=0.5, grayscale_prob=0.3,
+                    blur_prob=0.4, blur_sigma=(0.2, 1.8))}, 32),
         (MAE, dict(crop_min_scale=0.3, **TINY_MAE), 16),
     ],
 )  # fmt: skip
@@ -173,7 +171,7 @@ def test_multicrop_device_views_have_the_statistics_of_lightly_views(
     cifar_sample: np.ndarray,
 ) -> None:
     dino = DINO(**SMALL_DINO, local_crops_number=1, local_crop_size=16)
-    swav = SwAV(**SMALL_SWAV, nmb_crops=(1, 1), size_crops=(32, 16))
+    swav = SwAV(**{**SMALL_SWAV, "nmb_crops": (1, 1), "size_crops": (32, 16)})
     mae = MAE(**TINY_MAE)
     for model, size in ((dino, 32), (swav, 32), (mae, 16)):
         pil = lightly_statistics(model.view_transform(size, MEAN, STD), cifar_sample)
@@ -235,7 +233,7 @@ def test_multicrop_methods_train_on_in_memory_device_views(tmp_path: Path, metho
     torch.manual_seed(0)
     model = {
         "dino": lambda: DINO(**SMALL_DINO, local_crops_number=2, local_crop_size=8),
-        "swav": lambda: SwAV(**SMALL_SWAV, nmb_crops=(2, 2), size_crops=(16, 8)),
+        "swav": lambda: SwAV(**SMALL_SWAV),
         "mae": lambda: MAE(**TINY_MAE),
     }[method]()
     dm = CIFAR10DataModule(str(cifar_folder(tmp_path)), batch_size=8, image_size=16,

@@ -37,7 +37,7 @@ from sslzoo.methods.dino import DINO  # noqa: E402
 from sslzoo.methods.ibot import IBOT  # noqa: E402
 from sslzoo.methods.mae import MAE  # noqa: E402
 from sslzoo.methods.swav import SwAV  # noqa: E402
-from tests.conftest import TINY_RESNET  # noqa: E402
+from tests.conftest import SMALL_SWAV  # noqa: E402
 
 WORLD = 2
 SAMPLES, GLOBAL_BATCH = 16, 8  # 2 optimizer steps per epoch
@@ -88,13 +88,7 @@ def tiny_swav() -> SwAV:
     """SwAV with a tiny ResNet, LARS, and a queue full from step 2 on (per-rank length 8)."""
     torch.manual_seed(0)
     return SwAV(
-        **TINY_RESNET,
-        hidden_mlp=32,
-        feat_dim=16,
-        nmb_prototypes=24,
-        nmb_crops=(2, 2),
-        size_crops=(16, 8),
-        sync_batchnorm=False,
+        **SMALL_SWAV,
         queue_length=16,
         epoch_queue_starts=0,
         freeze_prototypes_niters=1,

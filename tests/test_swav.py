@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 
 import sslzoo.methods.swav as swav_module
 from sslzoo.methods.swav import SwAV, distributed_sinkhorn, swav_loss
-from tests.conftest import TINY_RESNET
+from tests.conftest import SMALL_SWAV, TINY_RESNET
 from tests.helpers import digits, quiet_trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,15 +30,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-SMALL = dict(
-    **TINY_RESNET,
-    hidden_mlp=32,
-    feat_dim=16,
-    nmb_prototypes=24,
-    nmb_crops=(2, 2),
-    size_crops=(16, 8),
-    sync_batchnorm=False,
-)
+SMALL = SMALL_SWAV
 
 
 # ----------------------------------------------------------------- references written by hand
