@@ -31,7 +31,7 @@ class SeededItems(Dataset):
     """``dataset`` indexed by ``(index, position)`` keys: the host generators are seeded with
     :func:`item_seed` before each item is loaded, so its augmentation depends on neither the
     worker that loads it nor the items loaded before it. In the main process the caller's
-    generator states are restored afterwards."""
+    generator states are restored after each batch."""
 
     def __init__(self, dataset: Dataset, epoch_seed: int) -> None:
         self.dataset = dataset
@@ -41,13 +41,20 @@ class SeededItems(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, position = key
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
+        """A batch of items (the DataLoader's batched fetch): one save and restore of the
+        host generators per batch, not per item."""
         saved = None
         if get_worker_info() is None:
             saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-        seed_host_generators(item_seed(self.epoch_seed, position))
         try:
-            return self.dataset[index]
+            items = []
+            for index, position in keys:
+                seed_host_generators(item_seed(self.epoch_seed, position))
+                items.append(self.dataset[index])
+            return items
         finally:
             if saved is not None:
                 random.setstate(saved[0])
