@@ -9,6 +9,7 @@ linear LR scaling and feature extraction for evaluation live here.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -37,6 +38,14 @@ def embedding_std(z: torch.Tensor) -> torch.Tensor:
     """Mean per-dimension std of L2-normalised embeddings: 0 under collapse, about 1/sqrt(d)
     for embeddings spread over the sphere."""
     return F.normalize(z.detach().float(), dim=1).std(dim=0).mean()
+
+
+def init_arguments(parent: type, values: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    """The arguments of ``parent.__init__`` found among a subclass's ``__init__`` locals, with
+    ``overrides``: ``super().__init__(**init_arguments(SSLMethod, locals()))`` passes every
+    shared setting a method re-declares (with its own default) up to the base class."""
+    names = [n for n in inspect.signature(parent.__init__).parameters if n != "self"]
+    return {**{n: values[n] for n in names if n in values}, **overrides}
 
 
 def compile_views(views: nn.Module, backend: str = "inductor") -> nn.Module:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from lightly.models.modules.heads import BYOLPredictionHead, BYOLProjectionHead
 from torch import nn
 
-from sslzoo.methods.base import LRScaling, SSLMethod, frozen_copy
+from sslzoo.methods.base import LRScaling, SSLMethod, frozen_copy, init_arguments
 from sslzoo.methods.byol_views import BYOLPairViews
 from sslzoo.methods.optim import OptimizerName
 
@@ -83,20 +83,7 @@ class BYOL(BYOLPairViews, SSLMethod):
         min_lr: float = 0.0,
         lars_trust_coefficient: float = 1e-3,
     ) -> None:
-        super().__init__(
-            backbone=backbone,
-            backbone_kwargs=backbone_kwargs,
-            cifar_stem=cifar_stem,
-            optimizer=optimizer,
-            lr=lr,
-            lr_scaling=lr_scaling,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            warmup_epochs=warmup_epochs,
-            min_lr=min_lr,
-            lars_trust_coefficient=lars_trust_coefficient,
-            sync_batchnorm=sync_batchnorm,
-        )
+        super().__init__(**init_arguments(SSLMethod, locals()))
         dim = self.backbone.num_features
         self.projector = BYOLProjectionHead(dim, projector_hidden_dim, projector_out_dim)
         self.predictor = BYOLPredictionHead(

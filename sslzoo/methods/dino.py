@@ -37,7 +37,14 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from sslzoo.augment.views import dino_views
-from sslzoo.methods.base import LRScaling, SSLMethod, ViewTransform, forward_multicrop, frozen_copy
+from sslzoo.methods.base import (
+    LRScaling,
+    SSLMethod,
+    ViewTransform,
+    forward_multicrop,
+    frozen_copy,
+    init_arguments,
+)
 from sslzoo.methods.optim import OptimizerName
 from sslzoo.methods.schedules import linear_warmup
 
@@ -419,20 +426,11 @@ class DINO(SSLMethod):
         sync_batchnorm: bool = True,
     ) -> None:
         super().__init__(
-            backbone=backbone,
-            backbone_kwargs=vit_backbone_kwargs(backbone, backbone_kwargs, drop_path_rate),
-            cifar_stem=cifar_stem,
-            optimizer=optimizer,
-            lr=lr,
-            lr_scaling=lr_scaling,
-            weight_decay=weight_decay,
-            weight_decay_end=weight_decay_end,
-            momentum=momentum,
-            betas=betas,
-            warmup_epochs=warmup_epochs,
-            min_lr=min_lr,
-            lars_trust_coefficient=lars_trust_coefficient,
-            sync_batchnorm=sync_batchnorm,
+            **init_arguments(
+                SSLMethod,
+                locals(),
+                backbone_kwargs=vit_backbone_kwargs(backbone, backbone_kwargs, drop_path_rate),
+            )
         )
         self.head = self.build_head()
         self.teacher_backbone = disable_drop_path(frozen_copy(self.backbone))

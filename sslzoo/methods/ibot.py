@@ -32,7 +32,7 @@ from PIL import Image
 from torch import nn
 
 from sslzoo.augment.views import DeviceViews, ViewRecipe
-from sslzoo.methods.base import LRScaling, ViewTransform, forward_multicrop
+from sslzoo.methods.base import LRScaling, ViewTransform, forward_multicrop, init_arguments
 from sslzoo.methods.dino import (
     DINO,
     DINOHead,
@@ -500,47 +500,7 @@ class IBOT(DINO):
                 "a shared head gives patch tokens the [CLS] last layer: set patch_out_dim "
                 f"= out_dim ({out_dim}) or shared_head and shared_head_teacher to false"
             )
-        super().__init__(
-            out_dim=out_dim,
-            hidden_dim=hidden_dim,
-            bottleneck_dim=bottleneck_dim,
-            head_layers=head_layers,
-            use_bn_in_head=False,
-            norm_last_layer=norm_last_layer,
-            momentum_teacher=momentum_teacher,
-            warmup_teacher_temp=warmup_teacher_temp,
-            teacher_temp=teacher_temp,
-            warmup_teacher_temp_epochs=warmup_teacher_temp_epochs,
-            student_temp=student_temp,
-            center_momentum=center_momentum,
-            clip_grad=clip_grad,
-            freeze_last_layer=freeze_last_layer,
-            drop_path_rate=drop_path_rate,
-            global_crops_scale=global_crops_scale,
-            local_crops_number=local_crops_number,
-            local_crops_scale=local_crops_scale,
-            local_crop_size=local_crop_size,
-            color_jitter=color_jitter,
-            color_jitter_prob=color_jitter_prob,
-            grayscale_prob=grayscale_prob,
-            blur_prob=blur_prob,
-            solarize_prob=solarize_prob,
-            blur_sigma=blur_sigma,
-            hflip_prob=hflip_prob,
-            backbone=backbone,
-            backbone_kwargs=backbone_kwargs,
-            cifar_stem=False,
-            optimizer=optimizer,
-            lr=lr,
-            lr_scaling=lr_scaling,
-            weight_decay=weight_decay,
-            weight_decay_end=weight_decay_end,
-            momentum=momentum,
-            betas=betas,
-            warmup_epochs=warmup_epochs,
-            min_lr=min_lr,
-            lars_trust_coefficient=lars_trust_coefficient,
-        )
+        super().__init__(**init_arguments(DINO, locals(), use_bn_in_head=False, cifar_stem=False))
         self.masked_embed = nn.Parameter(torch.zeros(1, self.backbone.num_features))
         self.mask_generator = IBOTMaskGenerator(
             pred_ratio, pred_ratio_var, pred_shape, pred_aspect_ratio

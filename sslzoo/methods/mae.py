@@ -26,7 +26,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from sslzoo.augment.views import mae_views
-from sslzoo.methods.base import LRScaling, SSLMethod, ViewTransform
+from sslzoo.methods.base import LRScaling, SSLMethod, ViewTransform, init_arguments
 from sslzoo.methods.optim import OptimizerName
 
 
@@ -117,17 +117,7 @@ class MAE(SSLMethod):
         warmup_epochs: float = 40.0,
         min_lr: float = 0.0,
     ) -> None:
-        super().__init__(
-            backbone=backbone,
-            backbone_kwargs=backbone_kwargs,
-            optimizer=optimizer,
-            lr=lr,
-            lr_scaling=lr_scaling,
-            weight_decay=weight_decay,
-            betas=betas,
-            warmup_epochs=warmup_epochs,
-            min_lr=min_lr,
-        )
+        super().__init__(**init_arguments(SSLMethod, locals()))
         vit = self.backbone.model
         if not (
             isinstance(vit, VisionTransformer)

@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import Callback
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from sslzoo.methods.base import LRScaling, SSLMethod, frozen_copy
+from sslzoo.methods.base import LRScaling, SSLMethod, frozen_copy, init_arguments
 from sslzoo.methods.byol_views import BYOLPairViews
 from sslzoo.methods.optim import OptimizerName
 
@@ -231,22 +231,7 @@ class MoCoV3(BYOLPairViews, SSLMethod):
         lars_trust_coefficient: float = 1e-3,
         exclude_bias_and_norm: bool = True,
     ) -> None:
-        super().__init__(
-            backbone=backbone,
-            backbone_kwargs=backbone_kwargs,
-            cifar_stem=cifar_stem,
-            optimizer=optimizer,
-            lr=lr,
-            lr_scaling=lr_scaling,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            betas=betas,
-            warmup_epochs=warmup_epochs,
-            min_lr=min_lr,
-            lars_trust_coefficient=lars_trust_coefficient,
-            exclude_bias_and_norm=exclude_bias_and_norm,
-            sync_batchnorm=sync_batchnorm,
-        )
+        super().__init__(**init_arguments(SSLMethod, locals()))
         is_vit = isinstance(self.backbone.model, VisionTransformer)
         if is_vit:
             moco_vit_setup(self.backbone.model, stop_grad_conv1, sincos_pos_embed)

@@ -19,7 +19,7 @@ from lightly.utils.dist import gather
 from torch import nn
 
 from sslzoo.augment.views import simclr_views
-from sslzoo.methods.base import LRScaling, SSLMethod, ViewTransform
+from sslzoo.methods.base import LRScaling, SSLMethod, ViewTransform, init_arguments
 from sslzoo.methods.optim import OptimizerName
 
 
@@ -139,20 +139,7 @@ class SimCLR(SSLMethod):
         min_lr: float = 0.0,
         lars_trust_coefficient: float = 1e-3,
     ) -> None:
-        super().__init__(
-            backbone=backbone,
-            backbone_kwargs=backbone_kwargs,
-            cifar_stem=cifar_stem,
-            optimizer=optimizer,
-            lr=lr,
-            lr_scaling=lr_scaling,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            warmup_epochs=warmup_epochs,
-            min_lr=min_lr,
-            lars_trust_coefficient=lars_trust_coefficient,
-            sync_batchnorm=sync_batchnorm,
-        )
+        super().__init__(**init_arguments(SSLMethod, locals()))
         dim = self.backbone.num_features
         self.projection_head = SimCLRProjectionHead(
             dim, proj_hidden_dim or dim, proj_out_dim, num_proj_layers

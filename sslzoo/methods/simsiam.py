@@ -23,7 +23,7 @@ from lightly.transforms import SimSiamTransform
 from torch import nn
 
 from sslzoo.augment.views import simsiam_views
-from sslzoo.methods.base import LRScaling, SSLMethod, ViewTransform
+from sslzoo.methods.base import LRScaling, SSLMethod, ViewTransform, init_arguments
 from sslzoo.methods.optim import OptimizerName, split_decay
 
 
@@ -124,20 +124,7 @@ class SimSiam(SSLMethod):
         min_lr: float = 0.0,
         exclude_bias_and_norm: bool = False,
     ) -> None:
-        super().__init__(
-            backbone=backbone,
-            backbone_kwargs=backbone_kwargs,
-            cifar_stem=cifar_stem,
-            optimizer=optimizer,
-            lr=lr,
-            lr_scaling=lr_scaling,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            warmup_epochs=warmup_epochs,
-            min_lr=min_lr,
-            exclude_bias_and_norm=exclude_bias_and_norm,
-            sync_batchnorm=sync_batchnorm,
-        )
+        super().__init__(**init_arguments(SSLMethod, locals()))
         width = self.backbone.num_features
         self.projector = SimSiamProjector(width, proj_hidden_dim or width, dim, proj_layers)
         self.predictor = SimSiamPredictionHead(dim, pred_dim, dim)

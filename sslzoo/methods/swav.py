@@ -30,7 +30,13 @@ from lightly.transforms import SwaVTransform
 from torch import nn
 
 from sslzoo.augment.views import swav_views
-from sslzoo.methods.base import LRScaling, SSLMethod, ViewTransform, forward_multicrop
+from sslzoo.methods.base import (
+    LRScaling,
+    SSLMethod,
+    ViewTransform,
+    forward_multicrop,
+    init_arguments,
+)
 from sslzoo.methods.optim import OptimizerName
 from sslzoo.sharding import full_tensor
 
@@ -245,22 +251,7 @@ class SwAV(SSLMethod):
             )
         if not crops_for_assign or not all(0 <= c < sum(nmb_crops) for c in crops_for_assign):
             raise ValueError(f"crops_for_assign {crops_for_assign} must index the crops")
-        super().__init__(
-            backbone=backbone,
-            backbone_kwargs=backbone_kwargs,
-            cifar_stem=cifar_stem,
-            optimizer=optimizer,
-            lr=lr,
-            lr_scaling=lr_scaling,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            warmup_epochs=warmup_epochs,
-            start_warmup_lr=start_warmup_lr,
-            min_lr=min_lr,
-            lars_trust_coefficient=lars_trust_coefficient,
-            exclude_bias_and_norm=exclude_bias_and_norm,
-            sync_batchnorm=sync_batchnorm,
-        )
+        super().__init__(**init_arguments(SSLMethod, locals()))
         self.projection_head = SwAVProjectionHead(self.backbone.num_features, hidden_mlp, feat_dim)
         self.prototypes = nn.Linear(feat_dim, nmb_prototypes, bias=False)
         self._queue: torch.Tensor | None = None
