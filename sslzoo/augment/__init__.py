@@ -3,6 +3,7 @@
 from sslzoo.augment.crops import CropViews
 from sslzoo.augment.views import (
     DeviceViews,
+    MultiCropRecipe,
     ViewRecipe,
     byol_views,
     dino_views,
@@ -15,6 +16,7 @@ from sslzoo.augment.views import (
 __all__ = [
     "CropViews",
     "DeviceViews",
+    "MultiCropRecipe",
     "ViewRecipe",
     "byol_views",
     "dino_views",

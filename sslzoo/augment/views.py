@@ -277,39 +277,62 @@ def simsiam_views(
     return simclr_views(input_size, mean, std, **{**SIMSIAM_DEFAULTS, **settings})
 
 
-def dino_views(
-    global_size: int,
-    local_size: int,
-    local_crops_number: int,
-    global_crops_scale: tuple[float, float],
-    local_crops_scale: tuple[float, float],
-    color_jitter: tuple[float, float, float, float],
-    color_jitter_prob: float,
-    grayscale_prob: float,
-    blur_prob: tuple[float, float, float],
-    solarize_prob: float,
-    blur_sigma: tuple[float, float],
-    hflip_prob: float,
-    mean: Sequence[float],
-    std: Sequence[float],
-) -> DeviceViews:
-    """DINO's multi-crop views (``DataAugmentationDINO``, as lightly's ``DINOViewTransform``):
-    global 1 (blur ``blur_prob[0]``), global 2 (blur ``blur_prob[1]``, solarisation), then
-    ``local_crops_number`` local crops (blur ``blur_prob[2]``); bicubic crops. The arguments are
-    those of :func:`sslzoo.methods.dino.multicrop_transform`."""
+@dataclass(frozen=True)
+class MultiCropRecipe:
+    """DINO's multi-crop augmentation (``DataAugmentationDINO``), shared by its PIL views
+    (:func:`sslzoo.methods.dino.multicrop_transform`) and its device views
+    (:func:`dino_views`): global 1 (blur ``blur_prob[0]``), global 2 (blur ``blur_prob[1]``,
+    solarisation ``solarize_prob``), then ``local_crops_number`` local crops (blur
+    ``blur_prob[2]``). Each: bicubic random resized crop, flip, colour jitter (random order)
+    with ``color_jitter_prob``, grayscale, blur (sigma ~ U(blur_sigma)), normalisation."""
 
-    def view(size: int, scale: tuple[float, float], blur: float, solarize: float) -> ViewRecipe:
-        return _lightly_view(
-            size, mean, std, color_jitter_prob, 1.0, tuple(color_jitter), scale[0],
-            grayscale_prob, blur, tuple(blur_sigma), hflip_prob, solarize, scale[1], "bicubic",
-        )  # fmt: skip
+    global_size: int
+    local_size: int
+    local_crops_number: int
+    global_crops_scale: tuple[float, float]
+    local_crops_scale: tuple[float, float]
+    color_jitter: tuple[float, float, float, float]
+    color_jitter_prob: float
+    grayscale_prob: float
+    blur_prob: tuple[float, float, float]
+    solarize_prob: float
+    blur_sigma: tuple[float, float]
+    hflip_prob: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
-    local = view(local_size, local_crops_scale, blur_prob[2], 0.0)
+    def crops(self) -> list[tuple[int, tuple[float, float], float, float]]:
+        """(size, area scale, blur probability, solarisation probability) of each view."""
+        local = (self.local_size, self.local_crops_scale, self.blur_prob[2], 0.0)
+        return [
+            (self.global_size, self.global_crops_scale, self.blur_prob[0], 0.0),
+            (self.global_size, self.global_crops_scale, self.blur_prob[1], self.solarize_prob),
+            *[local] * self.local_crops_number,
+        ]
+
+
+def dino_views(recipe: MultiCropRecipe) -> DeviceViews:
+    """DINO's multi-crop views on the device."""
+    r = recipe
     return DeviceViews(
         [
-            view(global_size, global_crops_scale, blur_prob[0], 0.0),
-            view(global_size, global_crops_scale, blur_prob[1], solarize_prob),
-            *[local] * local_crops_number,
+            _lightly_view(
+                size,
+                r.mean,
+                r.std,
+                r.color_jitter_prob,
+                1.0,
+                r.color_jitter,
+                scale[0],
+                r.grayscale_prob,
+                blur,
+                r.blur_sigma,
+                r.hflip_prob,
+                solarize,
+                scale[1],
+                "bicubic",
+            )  # fmt: skip
+            for size, scale, blur, solarize in r.crops()
         ]
     )
 

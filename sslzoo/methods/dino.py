@@ -36,7 +36,7 @@ from timm.layers import DropPath
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from sslzoo.augment.views import dino_views
+from sslzoo.augment.views import MultiCropRecipe, dino_views
 from sslzoo.methods.base import (
     LRScaling,
     SSLMethod,
@@ -272,56 +272,31 @@ def default_local_crop_size(image_size: int, multiple: int = 1) -> int:
     return max(multiple, round(image_size * 96 / 224 / multiple) * multiple)
 
 
-def multicrop_transform(
-    global_size: int,
-    local_size: int,
-    local_crops_number: int,
-    global_crops_scale: tuple[float, float],
-    local_crops_scale: tuple[float, float],
-    color_jitter: tuple[float, float, float, float],
-    color_jitter_prob: float,
-    grayscale_prob: float,
-    blur_prob: tuple[float, float, float],
-    solarize_prob: float,
-    blur_sigma: tuple[float, float],
-    hflip_prob: float,
-    mean: Sequence[float],
-    std: Sequence[float],
-) -> MultiViewTransform:
-    """DINO's ``DataAugmentationDINO``: global 1 (blur ``blur_prob[0]``), global 2 (blur
-    ``blur_prob[1]``, solarize ``solarize_prob``), then ``local_crops_number`` local crops
-    (blur ``blur_prob[2]``). Each: bicubic random-resized crop, flip, colour jitter (random
-    order) with ``color_jitter_prob``, grayscale, blur (PIL radius ~ U(blur_sigma)), normalise.
-
-    Built from lightly's ``DINOViewTransform`` with every argument explicit (lightly's
-    ``DINOTransform`` drops ``cj_strength`` for the second global view).
-    """
-    bright, contrast, sat, hue = color_jitter
-
-    def view(size: int, scale: tuple[float, float], blur: float, solarize: float):
-        return DINOViewTransform(
-            crop_size=size,
-            crop_scale=tuple(scale),
-            hf_prob=hflip_prob,
-            cj_prob=color_jitter_prob,
-            cj_strength=1.0,
-            cj_bright=bright,
-            cj_contrast=contrast,
-            cj_sat=sat,
-            cj_hue=hue,
-            random_gray_scale=grayscale_prob,
-            gaussian_blur=blur,
-            sigmas=tuple(blur_sigma),
-            solarization_prob=solarize,
-            normalize={"mean": list(mean), "std": list(std)},
-        )
-
-    local = view(local_size, local_crops_scale, blur_prob[2], 0.0)
+def multicrop_transform(recipe: MultiCropRecipe) -> MultiViewTransform:
+    """DINO's ``DataAugmentationDINO`` (see :class:`~sslzoo.augment.views.MultiCropRecipe`)
+    as PIL views, built from lightly's ``DINOViewTransform`` with every argument explicit
+    (lightly's ``DINOTransform`` drops ``cj_strength`` for the second global view)."""
+    r = recipe
+    bright, contrast, sat, hue = r.color_jitter
     return MultiViewTransform(
         [
-            view(global_size, global_crops_scale, blur_prob[0], 0.0),
-            view(global_size, global_crops_scale, blur_prob[1], solarize_prob),
-            *[local] * local_crops_number,
+            DINOViewTransform(
+                crop_size=size,
+                crop_scale=tuple(scale),
+                hf_prob=r.hflip_prob,
+                cj_prob=r.color_jitter_prob,
+                cj_strength=1.0,
+                cj_bright=bright,
+                cj_contrast=contrast,
+                cj_sat=sat,
+                cj_hue=hue,
+                random_gray_scale=r.grayscale_prob,
+                gaussian_blur=blur,
+                sigmas=tuple(r.blur_sigma),
+                solarization_prob=solarize,
+                normalize={"mean": list(r.mean), "std": list(r.std)},
+            )
+            for size, scale, blur, solarize in r.crops()
         ]
     )
 
@@ -480,10 +455,10 @@ class DINO(SSLMethod):
         size = self.hparams.local_crop_size
         return size or default_local_crop_size(image_size, patch_size_of(self.backbone))
 
-    def multicrop_settings(
+    def multicrop_recipe(
         self, image_size: int, mean: Sequence[float], std: Sequence[float]
-    ) -> dict[str, Any]:
-        """The arguments of the multi-crop recipe, shared by the PIL and the device views."""
+    ) -> MultiCropRecipe:
+        """The multi-crop recipe, shared by the PIL and the device views."""
         hp = self.hparams
         local_size = self.local_crop_size(image_size)
         vit = self.backbone.model
@@ -497,7 +472,7 @@ class DINO(SSLMethod):
                 f"local crops of {local_size} px need a ViT that accepts other sizes than "
                 f"{image_size} px: set backbone_kwargs.dynamic_img_size: true"
             )
-        return dict(
+        return MultiCropRecipe(
             global_size=image_size,
             local_size=local_size,
             local_crops_number=hp.local_crops_number,
@@ -510,19 +485,19 @@ class DINO(SSLMethod):
             solarize_prob=hp.solarize_prob,
             blur_sigma=tuple(hp.blur_sigma),
             hflip_prob=hp.hflip_prob,
-            mean=mean,
-            std=std,
+            mean=tuple(mean),
+            std=tuple(std),
         )
 
     def view_transform(
         self, image_size: int, mean: Sequence[float], std: Sequence[float]
     ) -> ViewTransform:
-        return multicrop_transform(**self.multicrop_settings(image_size, mean, std))
+        return multicrop_transform(self.multicrop_recipe(image_size, mean, std))
 
     def device_view_transform(
         self, image_size: int, mean: Sequence[float], std: Sequence[float]
     ) -> nn.Module | None:
-        return dino_views(**self.multicrop_settings(image_size, mean, std))
+        return dino_views(self.multicrop_recipe(image_size, mean, std))
 
     # ----------------------------------------------------------------- schedules
     @property
