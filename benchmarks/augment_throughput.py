@@ -79,6 +79,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def worker_loader(dataset: Dataset, batch: int, workers: int, device: torch.device) -> DataLoader:
+    """Shuffled full batches of ``dataset`` from ``workers`` processes."""
+    return DataLoader(
+        dataset,
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
+
+
 def pil_batches(
     images: np.ndarray, batch: int, workers: int, device: torch.device
 ) -> Iterator[list[torch.Tensor]]:
@@ -88,16 +101,7 @@ def pil_batches(
     transform = SimCLRTransform(
         input_size=images.shape[1], gaussian_blur=0.0, normalize={"mean": MEAN, "std": STD}
     )
-    loader = DataLoader(
-        PILImages(images, transform),
-        batch_size=batch,
-        shuffle=True,
-        drop_last=True,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None,
-    )
-    for views, _ in loader:
+    for views, _ in worker_loader(PILImages(images, transform), batch, workers, device):
         yield [v.to(device, non_blocking=True) for v in views]
 
 
@@ -118,16 +122,8 @@ def crop_batches(
     ``device``."""
     from sslzoo.augment import CropViews
 
-    loader = DataLoader(
-        PILImages(images, CropViews(views.recipes)),
-        batch_size=batch,
-        shuffle=True,
-        drop_last=True,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None,
-    )
-    for crops, _ in loader:
+    dataset = PILImages(images, CropViews(views.recipes))
+    for crops, _ in worker_loader(dataset, batch, workers, device):
         yield views([c.to(device, non_blocking=True) for c in crops])
 
 
