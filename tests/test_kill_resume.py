@@ -9,6 +9,7 @@ at the epoch ends 7 and 14). The :class:`KillSwitch` callback below is what kill
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -107,7 +108,13 @@ DIGITS = {"class_path": "sslzoo.datamodules.DigitsDataModule", "init_args": {"im
 
 
 def write_config(
-    path: Path, root: Path, model: dict, num_workers: int, data: dict = DIGITS, **kill: Any
+    path: Path,
+    root: Path,
+    model: dict,
+    num_workers: int,
+    data: dict = DIGITS,
+    trainer: dict | None = None,
+    **kill: Any,
 ) -> Path:
     data_args = {**data["init_args"], "batch_size": 16, "num_workers": num_workers}
     config = {
@@ -132,6 +139,7 @@ def write_config(
         "model": model,
         "data": {"class_path": data["class_path"], "init_args": data_args},
     }
+    config["trainer"].update(trainer or {})
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -140,12 +148,21 @@ def start(config: Path, log: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "sslzoo", "fit", "--config", str(config), *extra]
     return subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT
+        command,
+        cwd=REPO,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: DDP ranks are its children
     )
 
 
 def finish(process: subprocess.Popen, log: Path) -> int:
-    code = process.wait(timeout=300)
+    try:
+        code = process.wait(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # a DDP rank left behind
+            os.killpg(process.pid, signal.SIGKILL)
     if code not in (0, -signal.SIGKILL):
         pytest.fail(f"child exited with {code}:\n{log.read_text()[-4000:]}")
     return code
@@ -178,19 +195,17 @@ def kill_and_resume(
     num_workers: int,
     resumes_from: int,
     data: dict = DIGITS,
+    trainer: dict | None = None,
     **kill: Any,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Run uninterrupted and killed (side by side), then resume the killed run. Returns the
     final checkpoints of both and the ``last.ckpt`` the killed run left."""
-    full_cfg = write_config(tmp_path / "full.yaml", tmp_path / "full", model, num_workers, data)
+    setup = (model, num_workers, data, trainer)
+    full_cfg = write_config(tmp_path / "full.yaml", tmp_path / "full", *setup)
     killed_root = tmp_path / "killed"
-    killed_cfg = write_config(
-        tmp_path / "killed.yaml", killed_root, model, num_workers, data, **kill
-    )
+    killed_cfg = write_config(tmp_path / "killed.yaml", killed_root, *setup, **kill)
     record = tmp_path / "resumed_from.txt"
-    resume_cfg = write_config(
-        tmp_path / "resume.yaml", killed_root, model, num_workers, data, record=str(record)
-    )
+    resume_cfg = write_config(tmp_path / "resume.yaml", killed_root, *setup, record=str(record))
     full = start(full_cfg, tmp_path / "full.log")
     killed = start(killed_cfg, tmp_path / "killed.log")
     assert finish(killed, tmp_path / "killed.log") == -signal.SIGKILL
@@ -276,6 +291,22 @@ def test_device_augmented_run_killed_mid_epoch_resumes_exactly(
     )
     loader_state = left["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert loader_state == [{"epoch": 1, "batches": 2}]
+    assert_same_training_state(full, resumed)
+
+
+def test_ddp_swav_killed_mid_epoch_resumes_exactly(tmp_path: Path) -> None:
+    # two gloo ranks of 16 images each, both killed
+    # before the 12th step; every rank's SwAV queue is in the checkpoint and comes back
+    ddp = {"strategy": "ddp", "devices": 2}
+    swav = {**SWAV, "init_args": {**SWAV["init_args"], "queue_length": 32}}
+    full, resumed, left = kill_and_resume(
+        tmp_path, swav, num_workers=0, resumes_from=9, trainer=ddp, kill_at_step=11
+    )
+    assert left["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": 1, "batches": 2}
+    ]
+    assert len(left["swav_queue"]) == 2, "one queue per rank"
+    assert_same(full["swav_queue"], resumed["swav_queue"], "swav_queue")
     assert_same_training_state(full, resumed)
 
 
