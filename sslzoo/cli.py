@@ -24,6 +24,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 import sslzoo.datamodules as datamodules
 import sslzoo.methods as methods
 from sslzoo.callbacks.batch_seed import BatchSeed
+from sslzoo.callbacks.throughput import Throughput
 from sslzoo.checkpoints import AtomicCheckpointIO
 from sslzoo.datamodules import SSLDataModule
 from sslzoo.methods import SSLMethod
@@ -71,7 +72,8 @@ class SSLZooCLI(LightningCLI):
 
     Unless the config sets its own: a ``ModelCheckpoint`` writing ``<root>/checkpoints/last.ckpt``
     (every ``checkpoint_every_n_steps`` steps too, if set), the :class:`AtomicCheckpointIO`
-    plugin, and the :class:`~sslzoo.callbacks.BatchSeed` callback.
+    plugin, the :class:`~sslzoo.callbacks.BatchSeed` callback, and the
+    :class:`~sslzoo.callbacks.Throughput` callback (``perf/images_per_sec`` on the dashboard).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -145,6 +147,9 @@ class SSLZooCLI(LightningCLI):
             )
         if not any(isinstance(c, BatchSeed) for c in configured):
             callbacks = [BatchSeed(), *callbacks]
+        if not any(isinstance(c, Throughput) for c in configured):
+            log_every = config.get("log_every_n_steps") or 50  # Lightning's default
+            callbacks = [*callbacks, Throughput(log_every_n_steps=log_every)]
         plugins = _as_list(config.get("plugins"))
         strategy = config.get("strategy")
         xla = "tpu" in str(config.get("accelerator")) or "xla" in str(strategy).lower()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from sslzoo.callbacks import BatchSeed
+from sslzoo.callbacks import BatchSeed, Throughput
 from sslzoo.checkpoints import AtomicCheckpointIO
 from sslzoo.cli import SSLZooCLI, main
 from tests.conftest import REPO
@@ -78,6 +78,8 @@ def test_default_checkpoints_every_n_steps_atomic_with_batch_seeds(tmp_path: Pat
     assert all(c.save_last and Path(c.dirpath) == tmp_path / "checkpoints" for c in checkpoints)
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     assert sum(isinstance(c, BatchSeed) for c in cli.trainer.callbacks) == 1
+    (throughput,) = [c for c in cli.trainer.callbacks if isinstance(c, Throughput)]
+    assert throughput.log_every_n_steps == cli.trainer.log_every_n_steps
 
     plain = quickstart_cli(tmp_path / "plain")
     assert [
@@ -91,3 +93,14 @@ def test_every_n_steps_needs_the_default_checkpoints(tmp_path: Path) -> None:
         quickstart_cli(
             tmp_path, "--checkpoint_every_n_steps", "5", "--trainer.enable_checkpointing", "false"
         )
+
+
+def test_runs_log_images_per_second(tmp_path: Path) -> None:
+    cli = quickstart_cli(
+        tmp_path, "--trainer.max_steps", "4", "--trainer.log_every_n_steps", "2",
+        "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+    )  # fmt: skip
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert float(cli.trainer.callback_metrics["perf/images_per_sec"]) > 0
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "perf/images_per_sec" in header
