@@ -1,19 +1,43 @@
 #!/usr/bin/env bash
-# Everything a GPU session should measure, in order of value; each step writes its own table.
-#   bash benchmarks/gpu_session.sh DATA      (DATA: CIFAR-10 root, ImageFolder copy or .tar.gz)
+# The GPU measurements, one step per device call (a call may run 10 minutes at most). After
+# `bash benchmarks/gpu_prepare.sh` here, each call is
+#   bash benchmarks/gpu_session.sh STEP        with carry [".whl", ".data"]
+# Steps, in order of value; each writes its table under $OUT (or benchmarks/results):
+#   speedrun   SimCLR R18 CIFAR-10 200 epochs, device views, bf16: the 10-minute goal
+#   fast       the same with channels_last and a compiled backbone
+#   throughput views alone and training steps: PIL in workers vs device views (+compiled)
+#   pil        the 200-epoch run with lightly's PIL views in 8 workers (for comparison)
+#   fsdp1      50 steps of DINO under configs/trainer/fsdp.yaml (Lightning runs FSDP1 on GPUs only)
+#   tier M..   the lightly-protocol table for methods M.. (200 epochs each: one or two per call)
 set -euo pipefail
-DATA=${1:?usage: bash benchmarks/gpu_session.sh DATA}
 cd "$(dirname "$0")/.."
-# 1. augmentation throughput: lightly PIL views in workers vs per-image views on the GPU
-python benchmarks/augment_throughput.py --data "$DATA" --batch-size 512 --compile-views --step
-python benchmarks/augment_throughput.py --data "$DATA" --batch-size 512 --compile-views --step --precision bf16 --channels-last
-# 2. the speed goal: SimCLR, ResNet-18 CIFAR stem, batch 512, 200 epochs, device augmentation
-python benchmarks/cifar10.py --tier gpu --data "$DATA" --methods simclr \
-  --set data.device_augment=true --set trainer.precision=bf16-mixed
-python benchmarks/cifar10.py --tier gpu --data "$DATA" --methods simclr --out benchmarks/results/fast \
-  --set data.device_augment=true --set trainer.precision=bf16-mixed \
-  --set trainer.callbacks+=sslzoo.callbacks.ChannelsLast --set trainer.callbacks+=sslzoo.callbacks.CompileBackbone
-# 3. the lightly-protocol table for every method (ResNet-18 / ViT-S, 200 epochs)
-python benchmarks/cifar10.py --tier gpu --data "$DATA" --set data.device_augment=true
-# 4. DINO ViT-B memory per rank, counted (the GPU figure comes from peak memory in step 3)
-python benchmarks/memory.py
+STEP=${1:?usage: bash benchmarks/gpu_session.sh STEP [METHODS...]}
+shift
+DATA=${DATA:-.data/cifar10-jpg.tar.gz}
+RESULTS=${OUT:-benchmarks/results}
+mkdir -p "$RESULTS"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+case "$STEP" in
+  speedrun) python3 benchmarks/speedrun.py --data "$DATA" --out "$RESULTS" ;;
+  fast) python3 benchmarks/speedrun.py --data "$DATA" --out "$RESULTS" --fast ;;
+  pil) python3 benchmarks/speedrun.py --data "$DATA" --out "$RESULTS" --pil ;;
+  throughput)
+    python3 benchmarks/augment_throughput.py --data "$DATA" --batch-size 512 --workers 8 \
+      --compile-views --step | tee "$RESULTS/augment-throughput-gpu.md"
+    python3 benchmarks/augment_throughput.py --data "$DATA" --batch-size 512 --workers 8 \
+      --step --precision bf16 --channels-last --devices cuda | tee -a "$RESULTS/augment-throughput-gpu.md" ;;
+  fsdp1)
+    python3 -m sslzoo fit --config configs/cifar10/dino.yaml --config configs/trainer/fsdp.yaml \
+      --data.root "$DATA" --trainer.devices 1 --trainer.max_steps 50 \
+      --trainer.check_val_every_n_epoch 1000 --trainer.default_root_dir "$RESULTS/runs/fsdp1" ;;
+  tier)
+    python3 benchmarks/cifar10.py --tier gpu --data "$DATA" --out "$RESULTS" \
+      --set data.device_augment=true --set trainer.precision=bf16-mixed --methods "$@" ;;
+  *) echo "unknown step $STEP" >&2; exit 2 ;;
+esac
