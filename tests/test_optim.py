@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import math
 from pathlib import Path
 from unittest import mock
 
+import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
-from lightly.utils.lars import LARS
+from lightly.utils.lars import LARS as LightlyLARS
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
 from sslzoo.methods import optim
 from sslzoo.methods.byol import BYOL
+from sslzoo.methods.lars import LARS
 from sslzoo.methods.optim import build_optimizer, split_decay, use_fused
 from sslzoo.methods.schedules import warmup_cosine
 from sslzoo.methods.simclr import SimCLR
 from tests.conftest import TINY_RESNET
 from tests.helpers import digits, quiet_trainer
+from tests.test_host_sync import HostSync, host_syncs_refused
 
 
 def test_biases_and_norms_get_no_weight_decay() -> None:
@@ -41,8 +46,8 @@ def test_teacher_parameters_are_not_optimized() -> None:
 
 
 def test_lars_skips_adaptation_for_no_decay_groups() -> None:
-    """lightly's LARS applies the trust ratio only where weight decay is non-zero, so the
-    no-decay group (biases, norms) takes plain momentum-SGD steps: the official rule."""
+    """LARS (lightly's rule) applies the trust ratio only where weight decay is non-zero, so
+    the no-decay group (biases, norms) takes plain momentum-SGD steps: the official rule."""
     w, b = torch.nn.Parameter(torch.ones(4, 4)), torch.nn.Parameter(torch.ones(4))
     opt = LARS(
         [{"params": [w], "weight_decay": 1e-6}, {"params": [b], "weight_decay": 0.0}], lr=1.0
@@ -166,3 +171,171 @@ def test_no_fused_optimizer_under_a_grad_scaler(fp16: bool, monkeypatch) -> None
     model.trainer = quiet_trainer(plugins=plugins)
     assert (getattr(model.trainer.precision_plugin, "scaler", None) is scaler) is fp16
     assert bool(model.configure_optimizers().defaults["fused"]) is not fp16
+
+
+# ------------------------------------------------------------------ LARS against lightly's
+# Parameters covering every branch of the update: decayed and adapted weights (one in float64,
+# a bucket of its own), a decayed tensor with zero weights and one with a zero gradient (both
+# left unadapted and undecayed), biases in a group without weight decay (never adapted), and
+# one parameter without gradient.
+LARS_SHAPES = {
+    "weight": (6, 5),
+    "double": (3, 2),
+    "zero_weight": (5, 3),
+    "zero_grad": (4, 4),
+    "bias": (6,),
+}
+LARS_OPTIONS = {
+    "momentum": dict(momentum=0.9),
+    "nesterov": dict(momentum=0.9, nesterov=True),
+    "dampening": dict(momentum=0.9, dampening=0.1),
+    "plain": dict(momentum=0.0),
+}
+
+
+def lars_params() -> dict[str, nn.Parameter]:
+    g = torch.Generator().manual_seed(0)
+    params = {k: nn.Parameter(torch.randn(shape, generator=g)) for k, shape in LARS_SHAPES.items()}
+    params["zero_weight"].data.zero_()
+    params["double"].data = params["double"].data.double()
+    params["no_grad"] = nn.Parameter(torch.randn(3, generator=g))
+    return params
+
+
+def lars_groups(params: dict[str, nn.Parameter], weight_decay: float = 0.05) -> list[dict]:
+    decayed = [params[k] for k in ("weight", "double", "zero_weight", "zero_grad")]
+    return [
+        {"params": decayed, "weight_decay": weight_decay},
+        {"params": [params["bias"], params["no_grad"]], "weight_decay": 0.0},
+    ]
+
+
+def lars_steps(
+    optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter], steps: int, seed: int
+) -> None:
+    """``steps`` steps with gradients drawn from ``seed``; ``zero_grad`` gets zeros and
+    ``no_grad`` none."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for name, p in params.items():
+            grad = torch.randn(p.shape, generator=g).to(p.dtype)
+            p.grad = None if name == "no_grad" else grad
+        params["zero_grad"].grad.zero_()
+        optimizer.step()
+
+
+def assert_same_params(a: dict[str, nn.Parameter], b: dict[str, nn.Parameter]) -> None:
+    # rtol 1e-6 / atol 1e-7: a few float32 ulps. Both optimizers do the same operations in the
+    # same order (bit for bit equal on CPU today), but _foreach_norm may sum in another order
+    # than torch.norm on other devices or torch versions.
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["per_tensor", "foreach"])
+@pytest.mark.parametrize("options", list(LARS_OPTIONS))
+def test_lars_steps_equal_lightly(options: str, foreach: bool) -> None:
+    """Six steps from the same start with the same gradients, one tensor at a time (the CPU
+    default) and in whole (device, dtype) buckets (the CUDA default)."""
+    ours, theirs, start = lars_params(), lars_params(), lars_params()
+    kwargs = dict(lr=0.5, trust_coefficient=0.02, **LARS_OPTIONS[options])
+    lars_steps(LARS(lars_groups(ours), foreach=foreach, **kwargs), ours, 6, seed=1)
+    lars_steps(LightlyLARS(lars_groups(theirs), **kwargs), theirs, 6, seed=1)
+    assert_same_params(ours, theirs)
+    assert torch.equal(ours["no_grad"], start["no_grad"])
+    for name in ("weight", "double", "zero_weight", "bias"):
+        assert not torch.equal(ours[name], start[name]), name
+    assert ours["double"].dtype == torch.float64
+    # a zero gradient is neither decayed nor adapted: a zero update, every step
+    assert torch.equal(ours["zero_grad"], start["zero_grad"])
+
+
+def test_lars_adapts_by_the_trust_ratio() -> None:
+    """One step without momentum against the formula: the decayed weight's update is
+    ``lr * trust * (g + wd * w)``; the zero tensor takes the plain step ``lr * g``."""
+    params, start = lars_params(), lars_params()
+    optimizer = LARS(lars_groups(params, weight_decay=0.1), lr=0.5, trust_coefficient=0.02)
+    lars_steps(optimizer, params, 1, seed=1)
+    g = torch.Generator().manual_seed(1)
+    grads = {k: torch.randn(shape, generator=g) for k, shape in LARS_SHAPES.items()}
+    w, grad = start["weight"].detach(), grads["weight"]
+    trust = 0.02 * w.norm() / (grad.norm() + 0.1 * w.norm() + 1e-8)
+    torch.testing.assert_close(params["weight"], w - 0.5 * trust * (grad + 0.1 * w))
+    torch.testing.assert_close(params["zero_weight"], -0.5 * grads["zero_weight"])
+    torch.testing.assert_close(params["bias"], start["bias"] - 0.5 * grads["bias"])
+
+
+def test_lars_state_dict_resumes_identically() -> None:
+    """Three steps, a state_dict, three more in a fresh optimizer on copied parameters: the
+    same as six uninterrupted steps. lightly's state_dict (same keys) resumes ours too."""
+    kwargs = dict(lr=0.5, momentum=0.9, trust_coefficient=0.02)
+    straight = lars_params()
+    optimizer = LARS(lars_groups(straight), **kwargs)
+    lars_steps(optimizer, straight, 3, seed=1)
+    for first in (LARS, LightlyLARS):
+        params = lars_params()
+        before = first(lars_groups(params), **kwargs)
+        lars_steps(before, params, 3, seed=1)
+        saved = copy.deepcopy(before.state_dict())
+        assert {k for s in saved["state"].values() for k in s} == {"momentum_buffer"}
+        resumed = {k: nn.Parameter(p.detach().clone()) for k, p in params.items()}
+        after = LARS(lars_groups(resumed), **kwargs)
+        after.load_state_dict(saved)
+        lars_steps(after, resumed, 3, seed=2)
+        if first is LARS:
+            reference = straight
+            lars_steps(optimizer, reference, 3, seed=2)
+        assert_same_params(resumed, reference)
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["per_tensor", "foreach"])
+def test_lars_step_reads_nothing_on_the_host(foreach: bool) -> None:
+    """lightly's step tests each norm on the host (``if p_norm != 0``); ours never does."""
+    ours = functools.partial(LARS, foreach=foreach)
+    for optimizer_class, expected in ((ours, []), (LightlyLARS, ["Tensor.__bool__"])):
+        params = lars_params()
+        optimizer = optimizer_class(lars_groups(params), lr=0.5, momentum=0.9, nesterov=True)
+        lars_steps(optimizer, params, 1, seed=1)  # the second step updates momentum buffers
+        record: list[str] = []
+        with host_syncs_refused(record), contextlib.suppress(HostSync):
+            lars_steps(optimizer, params, 1, seed=2)
+        assert record == expected, optimizer_class
+
+
+def test_lars_checkpoint_loads_weights_only_and_resumes(tmp_path: Path) -> None:
+    """A Lightning checkpoint of a LARS run holds plain tensors and numbers (it loads with
+    ``weights_only=True``) and resumes into LARS with its momentum buffers."""
+    torch.manual_seed(0)
+
+    def simclr() -> SimCLR:
+        return SimCLR(
+            **TINY_RESNET, proj_hidden_dim=16, proj_out_dim=8, sync_batchnorm=False,
+            optimizer="lars", lr=0.3,
+        )  # fmt: skip
+
+    trainer = quiet_trainer(
+        max_steps=2, limit_val_batches=0, enable_checkpointing=True, default_root_dir=tmp_path
+    )
+    model = simclr()
+    trainer.fit(model, datamodule=digits(batch_size=16))
+    optimizer = trainer.optimizers[0]
+    assert isinstance(optimizer, LARS)
+    (path,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    saved = torch.load(path, weights_only=True)
+    buffers = [s["momentum_buffer"] for s in saved["optimizer_states"][0]["state"].values()]
+    assert len(buffers) == sum(len(g["params"]) for g in optimizer.param_groups)
+    assert any(b.any() for b in buffers)
+
+    resumed = simclr()
+    restored: list[torch.Tensor] = []
+
+    class Capture(L.Callback):
+        def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            state = trainer.optimizers[0].state_dict()["state"]
+            restored.extend(s["momentum_buffer"].clone() for s in state.values())
+
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[Capture()])
+    trainer.fit(resumed, datamodule=digits(batch_size=16), ckpt_path=path)
+    assert trainer.global_step == 3 and isinstance(trainer.optimizers[0], LARS)
+    for a, b in zip(restored, buffers, strict=True):
+        assert torch.equal(a, b)

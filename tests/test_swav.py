@@ -219,7 +219,7 @@ def test_crop_sizes_follow_image_size() -> None:
 
 def test_lars_is_official_larc() -> None:
     """The official optimizer is SGD(momentum 0.9, wd 1e-6) wrapped in apex LARC(trust 0.001,
-    clip=False) over every parameter. lightly's LARS with one decayed group is the same step."""
+    clip=False) over every parameter. Our LARS with one decayed group is the same step."""
     torch.manual_seed(3)
     model = SwAV(**SMALL)
     groups = model.parameter_groups()

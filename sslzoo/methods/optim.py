@@ -6,8 +6,9 @@ from collections.abc import Collection, Iterable
 from typing import Any, Literal
 
 import torch
-from lightly.utils.lars import LARS
 from torch import nn
+
+from sslzoo.methods.lars import LARS
 
 OptimizerName = Literal["sgd", "lars", "adamw"]
 
@@ -53,9 +54,10 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """Build the optimizer; each group carries its own ``weight_decay``.
 
-    LARS is lightly's, which skips the trust-ratio adaptation for groups whose weight decay is
-    0: with biases and norms in the no-decay group this is the official SimCLR/BYOL/MoCo v3
-    rule of excluding them from both decay and adaptation.
+    LARS is :class:`sslzoo.methods.lars.LARS`, lightly's update without its host-device syncs,
+    which skips the trust-ratio adaptation for groups whose weight decay is 0: with biases and
+    norms in the no-decay group this is the official SimCLR/BYOL/MoCo v3 rule of excluding them
+    from both decay and adaptation.
 
     ``fused`` picks torch's fused SGD/AdamW kernels: ``None`` when :func:`use_fused` says so,
     ``False`` never (torch's default, foreach kernels on CUDA), ``True`` always (torch refuses

@@ -161,8 +161,9 @@ class SwAV(SSLMethod):
     full (the official test of its last row).
 
     Optimiser: the official code wraps SGD in LARC (trust 0.001, no clipping) over all
-    parameters with weight decay 1e-6, biases and BN included; lightly's LARS with one decayed
-    group is the same update (``exclude_bias_and_norm=False``). ``min_lr`` and
+    parameters with weight decay 1e-6, biases and BN included; LARS (lightly's update,
+    :mod:`sslzoo.methods.lars`) with one decayed group is the same update
+    (``exclude_bias_and_norm=False``). ``min_lr`` and
     ``start_warmup_lr`` are absolute, like ``final_lr`` and ``start_warmup`` in main_swav.py.
 
     Args:
