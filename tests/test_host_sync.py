@@ -6,8 +6,12 @@ from Python data (``torch.tensor(x, device=...)``, a blocking host-to-device cop
 host wait for every queued kernel. On CPU these calls cost nothing, so the test refuses them:
 while a method's ``training_step`` and its own hooks around it run, each such call is recorded
 and raises :class:`HostSync`. A few real steps of every method through a Lightning trainer
-must record nothing. (The non-finite loss check in ``on_train_batch_end`` reads the device
-every ``NONFINITE_CHECK_EVERY`` batches on purpose; these runs stay below that.)
+must record nothing, in the method's hooks and in the per-batch hooks of the callbacks a real
+run has: ``BatchSeed``, ``OnlineProbe``, ``Throughput`` and, for a method with a teacher,
+``EMATeacher`` (``KNNMonitor`` only runs at validation). (The non-finite loss check in
+``on_train_batch_end`` reads the device every ``NONFINITE_CHECK_EVERY`` batches on purpose, and
+``Throughput`` synchronises every ``log_every_n_steps`` batches to read its clock; these runs
+stay below both.) Optimizer steps are not guarded here: LARS's is in tests/test_optim.py.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from unittest import mock
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
+from sslzoo.callbacks import BatchSeed, EMATeacher, OnlineProbe, Throughput
 from sslzoo.methods import base
 from sslzoo.methods.base import SSLMethod
 from sslzoo.methods.byol import BYOL
@@ -53,6 +59,9 @@ def one_thread() -> Iterator[None]:
 # ------------------------------------------------------------------------------ the detector
 class HostSync(RuntimeError):
     """A tensor's value crossed between host and device inside a guarded region."""
+
+
+_allowed = [0]  # depth of host_syncs_allowed() blocks
 
 
 # Tensor methods that hand a tensor's value to Python (on a GPU: wait for the device)
@@ -87,12 +96,15 @@ def host_syncs_refused(record: list[str]) -> Iterator[None]:
     swallows the exception is still caught) and raises :class:`HostSync`."""
 
     def refuse(name: str) -> None:
+        if _allowed[0]:
+            return
         record.append(name)
         raise HostSync(f"host-device sync in the training step: {name}")
 
-    def refusing(name: str) -> Callable[..., Any]:
+    def refusing(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
         def method(*args: Any, **kwargs: Any) -> Any:
             refuse(name)
+            return original(*args, **kwargs)
 
         return method
 
@@ -127,9 +139,11 @@ def host_syncs_refused(record: list[str]) -> Iterator[None]:
 
     with contextlib.ExitStack() as stack:
         for name in VALUE_READS + DATA_DEPENDENT:
-            stack.enter_context(mock.patch.object(torch.Tensor, name, refusing(f"Tensor.{name}")))
+            read = refusing(f"Tensor.{name}", getattr(torch.Tensor, name))
+            stack.enter_context(mock.patch.object(torch.Tensor, name, read))
         for name in ("equal", "allclose", "is_nonzero") + DATA_DEPENDENT:
-            stack.enter_context(mock.patch.object(torch, name, refusing(f"torch.{name}")))
+            read = refusing(f"torch.{name}", getattr(torch, name))
+            stack.enter_context(mock.patch.object(torch, name, read))
         stack.enter_context(mock.patch.object(torch.Tensor, "__getitem__", getitem))
         stack.enter_context(mock.patch.object(torch.Tensor, "__setitem__", setitem))
         stack.enter_context(
@@ -139,6 +153,33 @@ def host_syncs_refused(record: list[str]) -> Iterator[None]:
             mock.patch.object(torch, "as_tensor", creating("torch.as_tensor", torch_as_tensor))
         )
         stack.enter_context(mock.patch.object(torch, "where", where))
+        yield
+
+
+@contextlib.contextmanager
+def host_syncs_allowed() -> Iterator[None]:
+    """Lift the refusal inside a guarded region, for reads of tensors that live on the host by
+    design (no device to wait for on a GPU either), which a CPU run cannot tell apart."""
+    _allowed[0] += 1
+    try:
+        yield
+    finally:
+        _allowed[0] -= 1
+
+
+@contextlib.contextmanager
+def adamw_step_counts_allowed() -> Iterator[None]:
+    """torch's AdamW step (not capturable) keeps each step count in a CPU tensor and reads it
+    there (``.item()``): no host-device sync on a GPU, so it is allowed (the online probe's
+    optimizer steps inside its batch-end hook)."""
+    adamw_step = torch.optim.AdamW.step
+
+    @functools.wraps(adamw_step)
+    def step(self: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        with host_syncs_allowed():
+            return adamw_step(self, *args, **kwargs)
+
+    with mock.patch.object(torch.optim.AdamW, "step", step):
         yield
 
 
@@ -173,6 +214,41 @@ def guard(model: SSLMethod, record: list[str]) -> SSLMethod:
     for name in GUARDED_HOOKS:
         setattr(model, name, guarded(name, getattr(model, name)))
     return model
+
+
+# a callback's own code run once per training batch
+CALLBACK_HOOKS = (
+    "on_train_batch_start",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_before_zero_grad",
+    "on_train_batch_end",
+)
+
+
+def guard_callback(callback: Callback, record: list[str]) -> Callback:
+    """Wrap, on the instance, the callback's per-batch hooks so host syncs are refused exactly
+    while they run."""
+
+    def guarded(hook: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(hook)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with host_syncs_refused(record):
+                return hook(*args, **kwargs)
+
+        return run
+
+    for name in CALLBACK_HOOKS:
+        setattr(callback, name, guarded(getattr(callback, name)))
+    return callback
+
+
+def run_callbacks() -> list[Callback]:
+    """The per-batch callbacks of a real run: the CLI's ``BatchSeed``, the configs'
+    ``OnlineProbe`` and a ``Throughput`` whose logging (a deliberate sync) falls after these
+    runs. A method with a teacher brings its ``EMATeacher`` from ``configure_callbacks``."""
+    return [BatchSeed(), OnlineProbe(num_classes=10), Throughput(log_every_n_steps=STEPS + 1)]
 
 
 # ------------------------------------------------------------------------- tiny methods
@@ -272,12 +348,22 @@ class Samples(Dataset):
         return self.items[i]
 
 
-def train_guarded(model: SSLMethod, views: Callable[[], Any]) -> list[str]:
-    """``STEPS`` training steps with host syncs refused in the guarded hooks; the syncs seen."""
+def train_guarded(
+    model: SSLMethod, views: Callable[[], Any], callbacks: list[Callback] | None = None
+) -> list[str]:
+    """``STEPS`` training steps with host syncs refused in the guarded hooks of the method and
+    of ``callbacks`` (:func:`run_callbacks` by default) and of those the method configures;
+    the syncs seen."""
     record: list[str] = []
     guard(model, record)
-    trainer = quiet_trainer(max_steps=STEPS, limit_val_batches=0)
-    trainer.fit(model, train_dataloaders=DataLoader(Samples(views), batch_size=BATCH))
+    callbacks = run_callbacks() if callbacks is None else callbacks
+    for callback in callbacks:
+        guard_callback(callback, record)
+    configure_callbacks = model.configure_callbacks
+    model.configure_callbacks = lambda: [guard_callback(c, record) for c in configure_callbacks()]
+    trainer = quiet_trainer(max_steps=STEPS, limit_val_batches=0, callbacks=callbacks)
+    with adamw_step_counts_allowed():
+        trainer.fit(model, train_dataloaders=DataLoader(Samples(views), batch_size=BATCH))
     assert trainer.global_step == STEPS
     return record
 
@@ -288,8 +374,14 @@ def test_training_step_never_waits_for_the_device(name: str) -> None:
     torch.manual_seed(0)
     build, views = METHODS[name]
     model = build()
-    assert train_guarded(model, views) == []
+    callbacks = run_callbacks()
+    assert train_guarded(model, views, callbacks) == []
     assert model._first_nonfinite_step.item() == -1  # the steps ran, with finite losses
+    probe = next(c for c in callbacks if isinstance(c, OnlineProbe))
+    assert [float(s["step"]) for s in probe.optimizer.state.values()] == [STEPS] * 2
+    emas = [c for c in model.trainer.callbacks if isinstance(c, EMATeacher)]
+    assert len(emas) == bool(model.teacher_pairs())  # configured by the method, and guarded
+    assert all(ema._last_step == STEPS for ema in emas)
 
 
 def test_swav_queue_is_used_once_full_without_reading_it_back() -> None:
@@ -391,6 +483,44 @@ def test_a_syncing_step_is_caught_through_the_trainer() -> None:
     model = SyncingSimCLR(**TINY_RESNET, proj_hidden_dim=16, proj_out_dim=8, sync_batchnorm=False)
     assert type(build()) is SimCLR
     assert train_guarded(model, views) == ["Tensor.__bool__"] * STEPS
+
+
+class SyncingCallback(Callback):
+    """A callback that reads the loss on the host after every batch, and hides the error."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        with contextlib.suppress(HostSync):
+            if outputs["loss"] > 100:  # Tensor.__bool__
+                print("large loss")
+
+
+def test_a_syncing_callback_is_caught_through_the_trainer() -> None:
+    build, views = METHODS["simclr"]
+    record = train_guarded(build(), views, [*run_callbacks(), SyncingCallback()])
+    assert record == ["Tensor.__bool__"] * STEPS
+
+
+def test_host_syncs_allowed_lifts_the_refusal_inside_a_guarded_region() -> None:
+    t, record = torch.randn(3), []
+    with host_syncs_refused(record):
+        with host_syncs_allowed():
+            assert t.sum().item() == pytest.approx(float(t.sum()))
+        with pytest.raises(HostSync):
+            t.sum().item()
+    assert record == ["Tensor.item"]
+
+
+def test_unlabeled_training_set_trains_no_probe_and_reads_nothing() -> None:
+    """A datamodule without training labels (``train_labeled=False``, labels -1): the probe
+    learns nothing, known on the host, where it used to read the labels back to drop them."""
+    probe, record = OnlineProbe(num_classes=10), []
+    outputs = {"features": torch.randn(BATCH, 8), "labels": torch.full((BATCH,), -1)}
+    trainer = mock.Mock(datamodule=mock.Mock(train_labeled=False))
+    with host_syncs_refused(record):
+        probe.on_train_batch_end(trainer, mock.Mock(), outputs, None, 0)
+    assert (probe.head, record) == (None, [])
+    with pytest.raises(IndexError):  # labels -1 in a labeled training set are not skipped
+        probe.on_train_batch_end(None, mock.Mock(device=torch.device("cpu")), outputs, None, 0)
 
 
 def test_a_due_non_finite_check_in_batch_end_is_not_guarded() -> None:

@@ -39,7 +39,7 @@ class EMATeacher(L.Callback):
 
     The momentum follows ``m_k = 1 - (1 - m0)(1 + cos(pi k / K)) / 2`` over optimizer steps k
     of K. The update runs once per optimizer step, never on gradient-accumulation
-    micro-batches, and logs ``train/ema_momentum``.
+    micro-batches, and logs ``train/ema_momentum``, with no host-device sync.
 
     Args:
         base_momentum: m0; ``None`` takes the method's own ``ema_base_momentum``.
@@ -68,4 +68,7 @@ class EMATeacher(L.Callback):
         m = self.momentum_at(step - 1, int(trainer.estimated_stepping_batches), pl_module)
         for student, teacher in pl_module.teacher_pairs():
             ema_update(student, teacher, m)
-        pl_module.log("train/ema_momentum", m)
+        # a method's log_scalar fills a device tensor, where self.log of a Python float makes
+        # Lightning copy it to the device (a blocking host-to-device copy every step)
+        log = getattr(pl_module, "log_scalar", pl_module.log)
+        log("train/ema_momentum", m)

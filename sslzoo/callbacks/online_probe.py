@@ -13,16 +13,28 @@ from torch import nn
 from sslzoo.distributed import gather_rows, real_sample_count, val_sampler, world_size
 
 
+def train_labeled(trainer: L.Trainer | None) -> bool:
+    """Whether the trainer's training set has labels: its datamodule's ``train_labeled``, True
+    when it has none (image folders read without classes set it False)."""
+    return bool(getattr(getattr(trainer, "datamodule", None), "train_labeled", True))
+
+
 class OnlineProbe(L.Callback):
     """Train a linear classifier on the detached features that ``training_step`` returns.
 
     The probe is ``BatchNorm1d(affine=False) -> Linear`` with its own AdamW optimizer, so no
-    gradient reaches the backbone and the method's optimizer never sees it. Batches without
-    labels (label < 0) are skipped. Logs ``probe/train_loss``, ``probe/train_top1`` and, on
-    the validation set, ``probe/val_top1``. Its weights and optimizer state are saved in the
-    checkpoint, so a resumed run continues exactly.
+    gradient reaches the backbone and the method's optimizer never sees it. Logs
+    ``probe/train_loss``, ``probe/train_top1`` and, on the validation set, ``probe/val_top1``.
+    Its weights and optimizer state are saved in the checkpoint, so a resumed run continues
+    exactly.
 
-    Under DDP every rank gathers the labeled features and labels of all ranks and trains its
+    The probe trains on whole batches: a training set without labels (a datamodule whose
+    ``train_labeled`` is False, labels -1) trains no probe, and in any other every training
+    label must be a class index. So the training batch's labels are never read back to drop
+    unlabeled rows: no host-device sync, as in the training step (the only per-batch reads
+    left are the row counts :func:`~sslzoo.distributed.gather_rows` exchanges under DDP).
+
+    Under DDP every rank gathers the features and labels of all ranks and trains its
     copy of the probe on that global batch, starting from rank 0's initial weights: the
     probes stay identical on every rank, and equal to a single-process probe on the same
     global batch. The validation counts, without ``DistributedSampler`` padding, are summed
@@ -80,10 +92,10 @@ class OnlineProbe(L.Callback):
     ) -> None:
         if not isinstance(outputs, dict) or "features" not in outputs:
             return
-        labels = outputs["labels"]
-        keep = labels >= 0
-        features = torch.cat(gather_rows(outputs["features"].detach().float()[keep]))
-        labels = torch.cat(gather_rows(labels[keep]))
+        if not train_labeled(trainer):
+            return  # nothing to learn from, known on the host
+        features = torch.cat(gather_rows(outputs["features"].detach().float()))
+        labels = torch.cat(gather_rows(outputs["labels"]))
         if not len(labels):
             return
         head = self._ensure(pl_module, features.shape[1])
