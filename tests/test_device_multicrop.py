@@ -293,3 +293,28 @@ def test_device_views_compile_as_one_graph() -> None:
             eager, out = eager["views"], out["views"]
         for a, b in zip(eager, out, strict=True):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_identical_local_crops_are_one_batch_with_their_own_draws() -> None:
+    """Consecutive identical recipes (DINO's local crops) are augmented as one batch of k x N
+    images: every local crop of every image still draws its own crop and colours, and each
+    returned view is the one its position names, on whole images and on worker crops."""
+    glob = ViewRecipe(size=16, scale=(0.4, 1.0), blur_prob=1.0, mean=MEAN, std=STD)
+    local = ViewRecipe(size=8, scale=(0.05, 0.4), blur_prob=0.5, solarize_prob=0.2,
+                       mean=MEAN, std=STD)  # fmt: skip
+    views = DeviceViews([glob, local, local, local])
+    assert views.runs == ((0, 1), (1, 4))
+    one = (smooth_images(1, 24, 24) * 255).round().to(torch.uint8)
+    torch.manual_seed(0)
+    out = views(one.expand(5, -1, -1, -1))  # five copies of one image
+    assert [v.shape for v in out] == [(5, 3, 16, 16)] + [(5, 3, 8, 8)] * 3
+    locals_ = torch.cat(out[1:]).flatten(1)  # 15 local crops of one image
+    assert (torch.cdist(locals_, locals_) + torch.eye(15) > 1e-3).all()  # all pairs differ
+    # worker crops: with the colour steps off, each output is its own input, in its place
+    plain = ViewRecipe(size=8, jitter_prob=0.0, grayscale_prob=0.0, mean=(0.0,) * 3,
+                       std=(1.0,) * 3)  # fmt: skip
+    crops = [torch.full((2, 3, 8, 8), 10 * i, dtype=torch.uint8) for i in range(4)]
+    for got, crop in zip(DeviceViews([plain] * 4)(crops), crops, strict=True):
+        torch.testing.assert_close(got, crop.float() / 255)
+    with pytest.raises(ValueError, match="3 cropped views for 4 recipes"):
+        views(crops[:3])

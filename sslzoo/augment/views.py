@@ -90,6 +90,9 @@ class DeviceViews(nn.Module):
     def __init__(self, recipes: Sequence[ViewRecipe]) -> None:
         super().__init__()
         self.recipes = list(recipes)
+        # [start, end) of each run of consecutive identical recipes (DINO's local crops)
+        bounds = [i for i in range(len(self.recipes)) if i == 0 or recipes[i] != recipes[i - 1]]
+        self.runs = tuple(zip(bounds, [*bounds[1:], len(self.recipes)], strict=True))
         ranges = [jitter_ranges(*r.jitter) for r in self.recipes]
         low = torch.tensor([[lo for lo, _ in rs] for rs in ranges])
         high = torch.tensor([[hi for _, hi in rs] for rs in ranges])
@@ -108,13 +111,23 @@ class DeviceViews(nn.Module):
         images: torch.Tensor | Sequence[torch.Tensor],
         generator: torch.Generator | None = None,
     ) -> list[torch.Tensor]:
+        cropped = not isinstance(images, torch.Tensor)
+        if cropped and len(images) != len(self.recipes):
+            raise ValueError(f"{len(images)} cropped views for {len(self.recipes)} recipes")
+        views: list[torch.Tensor] = []
         with torch.autocast(_device_type(images), enabled=False):  # float32 inside autocast
-            if isinstance(images, torch.Tensor):
-                x = _unit_float(images)
-                return [self.view(x, i, generator) for i in range(len(self.recipes))]
-            if len(images) != len(self.recipes):
-                raise ValueError(f"{len(images)} cropped views for {len(self.recipes)} recipes")
-            return [self.photometric(_unit_float(v), i, generator) for i, v in enumerate(images)]
+            x = None if cropped else _unit_float(images)
+            for start, end in self.runs:
+                # a run of identical recipes (DINO's local crops) is one batch of k x N images
+                k = end - start
+                if cropped:
+                    batch = torch.cat([_unit_float(v) for v in images[start:end]])
+                    out = self.photometric(batch, start, generator)
+                else:
+                    batch = x if k == 1 else x.repeat(k, 1, 1, 1)
+                    out = self.view(batch, start, generator)
+                views += list(out.chunk(k))
+        return views
 
     def view(
         self, x: torch.Tensor, index: int, generator: torch.Generator | None = None
