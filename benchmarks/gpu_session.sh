@@ -38,6 +38,6 @@ case "$STEP" in
       --trainer.check_val_every_n_epoch 1000 --trainer.default_root_dir "$RESULTS/runs/fsdp1" ;;
   tier)
     python3 benchmarks/cifar10.py --tier gpu --data "$DATA" --out "$RESULTS" \
-      --set data.device_augment=true --set trainer.precision=bf16-mixed --methods "$@" ;;
+      --set trainer.precision=bf16-mixed --methods "$@" ;;
   *) echo "unknown step $STEP" >&2; exit 2 ;;
 esac

@@ -65,8 +65,7 @@ def main() -> None:
         "--data.root", args.data, "--trainer.precision", args.precision,
         "--trainer.default_root_dir", str(run_dir), "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
-    if not args.pil:
-        command += ["--data.device_augment", "true"]
+    command += ["--data.device_augment", "false" if args.pil else "true"]
     if args.fast:
         command += [
             "--trainer.callbacks+=sslzoo.callbacks.ChannelsLast",

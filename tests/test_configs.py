@@ -45,9 +45,14 @@ def test_config_instantiates(config: Path, labeled_folder: Path, tmp_path: Path)
         + data_args(config, labeled_folder),
         run=False,
     )
-    assert isinstance(cli.model, SSLMethod)
-    assert isinstance(cli.datamodule, SSLDataModule)
+    model, data = cli.model, cli.datamodule
+    assert isinstance(model, SSLMethod)
+    assert isinstance(data, SSLDataModule)
     assert cli.trainer.max_epochs and cli.trainer.max_epochs > 0
+    # CIFAR-10 trains on device views by default, so its methods must have them
+    assert getattr(data, "device_augment", False) is (config.parent.name == "cifar10")
+    if data.device_augment:
+        assert model.device_view_transform(data.image_size, data.mean, data.std) is not None
 
 
 @pytest.mark.parametrize("preset", ["ddp", "fsdp"])
