@@ -36,7 +36,7 @@ TIERS = {
 }
 COLUMNS = [
     ("method", "method"), ("backbone", "backbone"), ("backbone_params_m", "params (M)"),
-    ("epochs", "epochs"),
+    ("epochs", "epochs"), ("views", "views"),
     ("global_batch", "batch"), ("knn_top1_k200_t0.1", "kNN k=200"),
     ("knn_top1_k20_t0.07", "kNN k=20"), ("linear_top1", "linear"),
     ("wall_minutes", "wall (min)"), ("images_per_sec", "img/s"),
@@ -97,6 +97,8 @@ def run_one(
         "backbone_kwargs": model.hparams.get("backbone_kwargs"),
         "backbone_params_m": sum(p.numel() for p in model.backbone.parameters()) / 1e6,
         "epochs": trainer.current_epoch,
+        # lightly's PIL transforms in workers, or the batched device pipeline (sslzoo.augment)
+        "views": "device" if getattr(dm, "device_augment", False) else "PIL",
         "global_batch": model.global_batch_size,
         "train_images": len(dm.train_set),
         "test_images": len(dm.val_set),
@@ -166,7 +168,7 @@ def main() -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="config override for every run, e.g. data.device_augment=true (repeatable)",
+        help="config override for every run, e.g. trainer.precision=bf16-mixed (repeatable)",
     )
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--single", help=argparse.SUPPRESS)

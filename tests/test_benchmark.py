@@ -19,6 +19,7 @@ def test_cpu_tier_toy_budget(cifar_root: str, tmp_path: Path) -> None:
     assert len(results) == 1
     r = results[0]
     assert r["method"] == "SimCLR" and r["epochs"] == 1 and r["global_batch"] == 128
+    assert r["views"] == "PIL"  # the SimCLR real-data config keeps lightly's transform
     for key in ("knn_top1_k200_t0.1", "knn_top1_k20_t0.07", "linear_top1"):
         assert 0.0 <= r[key] <= 1.0
     assert r["images_per_sec"] > 0 and r["peak_memory_gb"] > 0 and r["wall_minutes"] > 0
@@ -26,4 +27,4 @@ def test_cpu_tier_toy_budget(cifar_root: str, tmp_path: Path) -> None:
     table = (tmp_path / "cifar10-cpu.md").read_text().splitlines()
     header = next(line for line in table if line.startswith("| method"))
     row = next(line for line in table if line.startswith("| SimCLR"))
-    assert header.count("|") == row.count("|") == 14
+    assert header.count("|") == row.count("|") == 15
