@@ -98,7 +98,7 @@ def run_one(
         "backbone_params_m": sum(p.numel() for p in model.backbone.parameters()) / 1e6,
         "epochs": trainer.current_epoch,
         # lightly's PIL transforms in workers, or the batched device pipeline (sslzoo.augment)
-        "views": "device" if getattr(dm, "device_augment", False) else "PIL",
+        "views": "device" if dm.device_augment else "PIL",
         "global_batch": model.global_batch_size,
         "train_images": len(dm.train_set),
         "test_images": len(dm.val_set),

@@ -50,7 +50,7 @@ def test_config_instantiates(config: Path, labeled_folder: Path, tmp_path: Path)
     assert isinstance(data, SSLDataModule)
     assert cli.trainer.max_epochs and cli.trainer.max_epochs > 0
     # CIFAR-10 trains on device views by default, so its methods must have them
-    assert getattr(data, "device_augment", False) is (config.parent.name == "cifar10")
+    assert data.device_augment is (config.parent.name == "cifar10")
     if data.device_augment:
         assert model.device_view_transform(data.image_size, data.mean, data.std) is not None
 
