@@ -9,6 +9,7 @@ Then each method's device recipe against its lightly recipe, the CIFAR datamodul
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -126,6 +127,24 @@ def test_color_jitter_applies_each_samples_ops_in_its_order() -> None:
         for op in order[i].tolist() if apply[i] else []:
             ref = tv_ops[op](ref, float(factors[i, op]))
         torch.testing.assert_close(out[i], ref, atol=ATOL, rtol=0)
+
+
+def test_color_jitter_follows_all_24_orders_with_or_without_hue() -> None:
+    """Hue runs once for the whole batch; every order, hue at any position, still matches."""
+    orders = torch.tensor(list(itertools.permutations(range(4))))
+    x = smooth_images(len(orders), 6, 6, seed=4)
+    gen = torch.Generator().manual_seed(4)
+    factors = torch.rand(len(orders), 4, generator=gen) * torch.tensor([1.6, 1.6, 1.6, 0.8])
+    factors += torch.tensor([0.2, 0.2, 0.2, -0.4])
+    tv_ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    apply = torch.ones(len(orders), dtype=torch.bool)
+    for use_hue in (True, False):
+        out = ops.color_jitter(x, factors, orders, apply, use_hue=use_hue)
+        for i, order in enumerate(orders.tolist()):
+            ref = x[i]
+            for op in order if use_hue else [op for op in order if op != 3]:
+                ref = tv_ops[op](ref, float(factors[i, op]))
+            torch.testing.assert_close(out[i], ref, atol=ATOL, rtol=0)
 
 
 # ------------------------------------------------------------------ per-sample parameters

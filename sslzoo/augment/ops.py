@@ -199,6 +199,19 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
     return (images - mean[:, None, None]) / std[:, None, None]
 
 
+def _blend_step(
+    images: torch.Tensor, factors: torch.Tensor, op: torch.Tensor, active: torch.Tensor
+) -> torch.Tensor:
+    """One blend op per sample: brightness (``op`` 0, towards black), contrast (1, towards the
+    mean luma) or saturation (2, towards the luma), with factor 1 where ``active`` is false."""
+    factor = torch.where(active, factors.gather(1, op[:, None])[:, 0], 1.0)
+    gray = rgb_to_grayscale(images)
+    mean = gray.mean(dim=(-2, -1), keepdim=True)
+    target = torch.where(_column(op == 0), torch.zeros_like(gray), gray)
+    target = torch.where(_column(op == 1), mean, target)
+    return blend(images, target, factor)
+
+
 def color_jitter(
     images: torch.Tensor,
     factors: torch.Tensor,
@@ -210,22 +223,24 @@ def color_jitter(
 
     ``factors`` (N, 4) holds the brightness, contrast and saturation factors and the hue shift;
     ``order`` (N, 4) is each sample's permutation of the four ops (0 brightness, 1 contrast,
-    2 saturation, 3 hue); samples whose ``apply`` is false are returned unchanged. At each of
-    the four positions the three blend ops run as one blend with a per-sample target (black,
-    mean luma or luma) and factor (1 for samples whose op there is hue), then the hue shift runs
-    on the samples whose op there is hue. Pass ``use_hue=False`` when the hue range is zero.
+    2 saturation, 3 hue); samples whose ``apply`` is false are returned unchanged. The hue
+    shift, the costly op, runs once on the whole batch: each sample's three blend ops, in its
+    order, run in three passes before it (those its order puts before hue; factor 1 for the
+    others) and three passes after it (the rest). Pass ``use_hue=False`` when the hue range is
+    zero.
     """
-    one = torch.ones_like(factors[:, 0])
+    is_hue = order == 3
+    hue_at = is_hue.int().argmax(1)  # position of hue in each sample's order
+    # each sample's blend ops in its order: a stable sort moves hue to the end
+    blends = order.gather(1, torch.argsort(is_hue.int(), dim=1, stable=True))[:, :3]
     x = images
-    for position in range(4):
-        op = order[:, position]
-        chosen = factors.gather(1, op[:, None].clamp(max=2))[:, 0]
-        factor = torch.where(apply & (op < 3), chosen, one)
-        gray = rgb_to_grayscale(x)
-        mean = gray.mean(dim=(-2, -1), keepdim=True)
-        target = torch.where(_column(op == 0), torch.zeros_like(gray), gray)
-        target = torch.where(_column(op == 1), mean, target)
-        x = blend(x, target, factor)
-        if use_hue:
-            x = torch.where(_column(apply & (op == 3)), adjust_hue(x, factors[:, 3]), x)
+    if not use_hue:  # three passes, each sample's blend ops in its order
+        for j in range(3):
+            x = _blend_step(x, factors, blends[:, j], apply)
+        return x
+    for j in range(3):
+        x = _blend_step(x, factors, blends[:, j], apply & (j < hue_at))
+    x = torch.where(_column(apply), adjust_hue(x, factors[:, 3]), x)
+    for j in range(3):
+        x = _blend_step(x, factors, blends[:, j], apply & (j >= hue_at))
     return x
