@@ -16,8 +16,15 @@ done
 # The image has torch, lightning, timm, torchmetrics, torchvision, scikit-learn, tensorboard,
 # safetensors, matplotlib and PyYAML. The versions installed here of what it lacks
 # (hydra-core, which lightly imports only for its own CLI, is left out):
-pins=$(python3 -c "from importlib.metadata import version as v
-print(' '.join(f'{n}=={v(n)}' for n in ('lightly', 'jsonargparse', 'docstring-parser', 'typeshed-client')))")
+# kornia (the `bench` extra) only for the throughput comparison, where it is installed here.
+pins=$(python3 -c "from importlib.metadata import version as v, PackageNotFoundError
+names = ['lightly', 'jsonargparse', 'docstring-parser', 'typeshed-client']
+try:
+    v('kornia')
+    names += ['kornia', 'kornia-rs']
+except PackageNotFoundError:
+    pass
+print(' '.join(f'{n}=={v(n)}' for n in names))")
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp "${platforms[@]}" -d .whl $pins
 mkdir -p .data && cp "$ARCHIVE" .data/cifar10-jpg.tar.gz

@@ -28,8 +28,9 @@ case "$STEP" in
   fast) python3 benchmarks/speedrun.py --data "$DATA" --out "$RESULTS" --fast ;;
   pil) python3 benchmarks/speedrun.py --data "$DATA" --out "$RESULTS" --pil ;;
   throughput)
+    kornia=$(python3 -c "import kornia" 2>/dev/null && echo --kornia || true)
     python3 benchmarks/augment_throughput.py --data "$DATA" --batch-size 512 --workers 8 \
-      --compile-views --step | tee "$RESULTS/augment-throughput-gpu.md"
+      --compile-views --step $kornia | tee "$RESULTS/augment-throughput-gpu.md"
     python3 benchmarks/augment_throughput.py --data "$DATA" --batch-size 512 --workers 8 \
       --step --precision bf16 --channels-last --devices cuda | tee -a "$RESULTS/augment-throughput-gpu.md" ;;
   fsdp1)
