@@ -43,13 +43,20 @@ def _class_name(value: Any) -> str | None:
 
 
 def default_checkpoints(directory: Path, every_n_steps: int | None) -> list[ModelCheckpoint]:
-    """``last.ckpt`` (and the latest epoch's checkpoint) at each epoch's end; with
-    ``every_n_steps``, ``last.ckpt`` every that many optimizer steps as well (Lightning's
-    triggers are exclusive, hence two callbacks; both overwrite the one ``last.ckpt``)."""
+    """``last.ckpt``, written once at each training epoch's end whatever the validation
+    schedule (Lightning otherwise saves only after validation epochs); with ``every_n_steps``,
+    also every that many optimizer steps (Lightning's triggers are exclusive, hence two
+    callbacks; both overwrite the one ``last.ckpt``)."""
+    epoch_end = ModelCheckpoint(
+        dirpath=directory,
+        filename=ModelCheckpoint.CHECKPOINT_NAME_LAST,  # the one kept file is last.ckpt
+        enable_version_counter=False,
+        save_on_train_epoch_end=True,
+    )
     if not every_n_steps:
-        return [ModelCheckpoint(dirpath=directory, save_last=True)]
+        return [epoch_end]
     return [
-        ModelCheckpoint(dirpath=directory, save_last=True, enable_version_counter=False),
+        epoch_end,
         ModelCheckpoint(
             dirpath=directory,
             save_top_k=0,

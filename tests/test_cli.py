@@ -6,7 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sslzoo.callbacks import BatchSeed, Throughput
@@ -71,11 +73,11 @@ def quickstart_cli(root: Path, *extra: str) -> SSLZooCLI:
 def test_default_checkpoints_every_n_steps_atomic_with_batch_seeds(tmp_path: Path) -> None:
     cli = quickstart_cli(tmp_path, "--checkpoint_every_n_steps", "5")
     checkpoints = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
-    # one at epoch ends (last.ckpt and the latest epoch), one writing last.ckpt every 5 steps
+    # one writing last.ckpt at epoch ends, one writing it every 5 steps
     triggers = sorted((c._every_n_train_steps, c._every_n_epochs) for c in checkpoints)
     assert triggers == [(0, 1), (5, 0)]
     assert {c.save_top_k for c in checkpoints if c._every_n_train_steps} == {0}
-    assert all(c.save_last and Path(c.dirpath) == tmp_path / "checkpoints" for c in checkpoints)
+    assert all(Path(c.dirpath) == tmp_path / "checkpoints" for c in checkpoints)
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     assert sum(isinstance(c, BatchSeed) for c in cli.trainer.callbacks) == 1
     (throughput,) = [c for c in cli.trainer.callbacks if isinstance(c, Throughput)]
@@ -86,6 +88,36 @@ def test_default_checkpoints_every_n_steps_atomic_with_batch_seeds(tmp_path: Pat
         c._every_n_epochs for c in plain.trainer.callbacks if isinstance(c, ModelCheckpoint)
     ] == [1]
     assert isinstance(plain.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+class LastCheckpointEpochs(L.Callback):
+    """Test-only: the epoch and step held by ``last.ckpt`` at each training epoch's start."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.seen: list[tuple[int, int] | None] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.path.exists():
+            self.seen.append(None)
+            return
+        ckpt = torch.load(self.path, map_location="cpu", weights_only=True)
+        self.seen.append((ckpt["epoch"], ckpt["global_step"]))
+
+
+def test_last_checkpoint_at_every_epoch_end_between_validations(tmp_path: Path) -> None:
+    """Validation every 5 epochs (as in the configs) must not thin out the checkpoints: each
+    epoch's end writes last.ckpt, and it is the only file kept."""
+    cli = quickstart_cli(
+        tmp_path, "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "2",
+        "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+    )  # fmt: skip
+    assert cli.trainer.check_val_every_n_epoch == 5
+    probe = LastCheckpointEpochs(tmp_path / "checkpoints" / "last.ckpt")
+    cli.trainer.callbacks.append(probe)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert probe.seen == [None, (0, 2), (1, 4)]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["last.ckpt"]
 
 
 def test_every_n_steps_needs_the_default_checkpoints(tmp_path: Path) -> None:
