@@ -6,11 +6,13 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning_utilities.core.apply_func import apply_to_collection
 
 from sslzoo.datamodules import SSLDataModule
 from sslzoo.methods import SSLMethod
@@ -54,15 +56,60 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's ``torch.save`` checkpoint IO, with local files written by
     :func:`write_atomic`: a run killed while saving keeps its previous ``last.ckpt`` intact.
-    Remote paths (``s3://``...) use Lightning's own transactional write."""
+    Remote paths (``s3://``...) use Lightning's own transactional write.
+
+    With ``background`` (the default), a save copies the checkpoint's tensors to host memory
+    and returns; a worker thread serialises, writes and fsyncs the file while training goes on.
+    Writes land one at a time, in order: the next save, a removal, a load and the end of the
+    run (``teardown``) wait for the one in flight, and re-raise its error if it failed.
+    """
+
+    def __init__(self, background: bool = True) -> None:
+        self.background = background
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
     ) -> None:
+        self.wait()
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        write_atomic(path, lambda f: torch.save(checkpoint, f))
+        if not self.background:
+            write_atomic(path, lambda f: torch.save(checkpoint, f))
+            return
+        # a point-in-time copy: training goes on updating the originals
+        snapshot = apply_to_collection(checkpoint, torch.Tensor, _host_copy)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
+        self._pending = self._executor.submit(write_atomic, path, lambda f: torch.save(snapshot, f))
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is on disk; raise its error if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def load_checkpoint(self, path: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        self.wait()
+        return super().load_checkpoint(path, *args, **kwargs)
+
+    def remove_checkpoint(self, path: str | os.PathLike) -> None:
+        self.wait()
+        super().remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu", copy=True)
 
 
 def _import(class_path: str) -> type:

@@ -5,8 +5,9 @@ Runs log to ``trainer.default_root_dir`` (``runs/<method>_<data>`` unless set): 
 events, ``metrics.csv``, ``config.yaml`` and ``checkpoints/last.ckpt``, so
 ``--ckpt_path last`` resumes the run in place. ``last.ckpt`` is written at each epoch's end and,
 with ``--checkpoint_every_n_steps N``, every N optimizer steps too; always atomically (a kill
-while saving leaves the previous one intact). A run resumed from a mid-epoch checkpoint continues
-with the batches, augmentations and random draws an uninterrupted run would have used.
+while saving leaves the previous one intact) and in a background thread. A run resumed from a
+mid-epoch checkpoint continues with the batches, augmentations and random draws an
+uninterrupted run would have used.
 """
 
 from __future__ import annotations

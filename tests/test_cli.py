@@ -98,6 +98,7 @@ class LastCheckpointEpochs(L.Callback):
         self.seen: list[tuple[int, int] | None] = []
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.strategy.checkpoint_io.wait()  # the write in flight, if any
         if not self.path.exists():
             self.seen.append(None)
             return

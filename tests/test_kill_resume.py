@@ -63,8 +63,9 @@ SWAV = {
 
 class KillSwitch(L.Callback):
     """Test-only: SIGKILL this process at the start of the step after ``kill_at_step`` optimizer
-    steps, or halfway through writing the ``last.ckpt`` of step ``kill_in_save_at``; write the
-    step training starts from to ``record``."""
+    steps (once the checkpoint writes in flight have landed), or halfway through writing the
+    ``last.ckpt`` of step ``kill_in_save_at`` (in the writer thread, while training goes on);
+    write the step training starts from to ``record``."""
 
     def __init__(
         self,
@@ -85,7 +86,8 @@ class KillSwitch(L.Callback):
 
         def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
             name = str(getattr(f, "name", f))
-            if trainer.global_step == self.kill_in_save_at and name.endswith(".last.ckpt.partial"):
+            step = obj.get("global_step") if isinstance(obj, dict) else None
+            if step == self.kill_in_save_at and name.endswith(".last.ckpt.partial"):
                 buffer = io.BytesIO()
                 real_save(obj, buffer, *args, **kwargs)
                 data = buffer.getvalue()
@@ -101,6 +103,9 @@ class KillSwitch(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if trainer.global_step == self.kill_at_step:
+            # checkpoints are written in a background thread: let the last one land, so the
+            # test knows which one the kill leaves (kill_in_save_at kills mid-write)
+            trainer.strategy.checkpoint_io.wait()
             os.kill(os.getpid(), signal.SIGKILL)
 
 
