@@ -23,10 +23,13 @@ if [ -d .whl ]; then
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+# a call may run 10 minutes: a 200-epoch run still going at BUDGET_MIN is stopped and reported
+# with the step it reached and its pace (its metrics.csv comes back under $OUT either way)
+speedrun=(python3 benchmarks/speedrun.py --data "$DATA" --out "$RESULTS" --budget-min "${BUDGET_MIN:-9}")
 case "$STEP" in
-  speedrun) python3 benchmarks/speedrun.py --data "$DATA" --out "$RESULTS" ;;
-  fast) python3 benchmarks/speedrun.py --data "$DATA" --out "$RESULTS" --fast ;;
-  pil) python3 benchmarks/speedrun.py --data "$DATA" --out "$RESULTS" --pil ;;
+  speedrun) "${speedrun[@]}" ;;
+  fast) "${speedrun[@]}" --fast ;;
+  pil) "${speedrun[@]}" --pil ;;
   throughput)
     kornia=$(python3 -c "import kornia" 2>/dev/null && echo --kornia || true)
     python3 benchmarks/augment_throughput.py --data "$DATA" --batch-size 512 --workers 8 \

@@ -6,8 +6,11 @@ epoch and the best epoch read from the run's ``metrics.csv``.
     python benchmarks/speedrun.py --data DIR --fast          # + channels_last, compiled backbone
     python benchmarks/speedrun.py --data DIR --pil           # lightly's PIL views in 8 workers
     python benchmarks/speedrun.py --data DIR -- --trainer.max_epochs 20   # any CLI override
+    python benchmarks/speedrun.py --data DIR --budget-min 9    # stop a run still going at 9 min
 
-Prints a one-row table and writes ``<out>/speedrun-<name>.{md,json}``.
+Prints a one-row table and writes ``<out>/speedrun-<name>.{md,json}``. A run stopped by
+``--budget-min`` (SIGTERM, then SIGKILL 30 s later) is reported as unfinished, with the step it
+reached and the wall time its pace would give the whole run.
 """
 
 from __future__ import annotations
@@ -21,28 +24,76 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "cifar10" / "simclr.yaml"
 
 
 def read_run(run_dir: Path) -> dict[str, float | None]:
-    """Last and best ``knn/val_top1``, the epoch of the last one, and the mean logged
-    ``perf/images_per_sec``."""
+    """Last and best ``knn/val_top1``, the epoch of the last one, the mean logged
+    ``perf/images_per_sec``, the last logged step, and the steps per epoch (from the step of a
+    validation row, logged at its epoch's end)."""
     knn: list[tuple[int, float]] = []
     rates: list[float] = []
-    with open(run_dir / "metrics.csv") as f:
-        for row in csv.DictReader(f):
-            if row.get("knn/val_top1"):
-                knn.append((int(float(row["epoch"])), float(row["knn/val_top1"])))
-            if row.get("perf/images_per_sec"):
-                rates.append(float(row["perf/images_per_sec"]))
+    last_step, steps_per_epoch = None, None
+    metrics = run_dir / "metrics.csv"
+    rows = csv.DictReader(metrics.open()) if metrics.is_file() else []
+    for row in rows:
+        if row.get("step"):
+            last_step = max(last_step or 0, int(float(row["step"])))
+        if row.get("knn/val_top1"):
+            epoch = int(float(row["epoch"]))
+            knn.append((epoch, float(row["knn/val_top1"])))
+            steps_per_epoch = (int(float(row["step"])) + 1) / (epoch + 1)
+        if row.get("perf/images_per_sec"):
+            rates.append(float(row["perf/images_per_sec"]))
     return {
         "knn_last": knn[-1][1] if knn else None,
         "knn_last_epoch": knn[-1][0] if knn else None,
         "knn_best": max(v for _, v in knn) if knn else None,
         "images_per_sec": sum(rates) / len(rates) if rates else None,
+        "last_step": last_step,
+        "steps_per_epoch": steps_per_epoch,
     }
+
+
+def run_with_budget(command: list[str], budget_s: float | None) -> tuple[float, bool]:
+    """Run ``command`` in the repository; past ``budget_s`` seconds stop it (SIGTERM, SIGKILL
+    30 s later). Returns its wall seconds and whether it finished; a failure raises."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=REPO)
+    try:
+        code = process.wait(timeout=budget_s)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        return time.perf_counter() - start, False
+    if code != 0:
+        raise subprocess.CalledProcessError(code, command)
+    return time.perf_counter() - start, True
+
+
+def max_epochs(overrides: list[str]) -> int:
+    """The run's epochs: a ``--trainer.max_epochs`` override, else the config's."""
+    for i, arg in enumerate(overrides):
+        if arg == "--trainer.max_epochs" and i + 1 < len(overrides):
+            return int(overrides[i + 1])
+        if arg.startswith("--trainer.max_epochs="):
+            return int(arg.split("=", 1)[1])
+    return int(yaml.safe_load(CONFIG.read_text())["trainer"]["max_epochs"])
+
+
+def projected_minutes(minutes: float, run: dict, epochs: int) -> float | None:
+    """Wall minutes of the whole run at the pace of the steps done (None before the first
+    validation row gives the steps per epoch)."""
+    if not run["steps_per_epoch"] or run["last_step"] is None:
+        return None
+    return minutes * epochs * run["steps_per_epoch"] / (run["last_step"] + 1)
 
 
 def main() -> None:
@@ -53,6 +104,7 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16-mixed")
     parser.add_argument("--name", default=None, help="result name (default from the flags)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--budget-min", type=float, default=None, help="stop the run after it")
     parser.add_argument("overrides", nargs="*", help="extra sslzoo CLI arguments, after --")
     args = parser.parse_args()
     name = args.name or "-".join(
@@ -73,17 +125,27 @@ def main() -> None:
         ]
     command += args.overrides
     print(" ".join(command), flush=True)
-    start = time.perf_counter()
-    subprocess.run(command, check=True, cwd=REPO)
-    minutes = (time.perf_counter() - start) / 60
-    result = {"name": name, "wall_minutes": round(minutes, 2), **read_run(run_dir)}
+    budget_s = args.budget_min * 60 if args.budget_min else None
+    seconds, finished = run_with_budget(command, budget_s)
+    minutes = seconds / 60
+    run = read_run(run_dir)
+    epochs = max_epochs(args.overrides)
+    result = {"name": name, "wall_minutes": round(minutes, 2), "finished": finished, **run}
+    result["epochs"] = epochs
+    result["projected_minutes"] = None if finished else projected_minutes(minutes, run, epochs)
     result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result["torch"] = torch.__version__
     rows = ["| run | wall (min) | kNN last (epoch) | kNN best | img/s | device |",
             "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    wall = f"{minutes:.2f}"
+    if not finished:
+        wall += (
+            f" (stopped at step {fmt(run['last_step'], 'd')}; whole run at this pace: "
+            f"{fmt(result['projected_minutes'], '.1f')})"
+        )
     rows.append(
-        f"| {name} | {minutes:.2f} | {fmt(result['knn_last'], '.4f')} "
+        f"| {name} | {wall} | {fmt(result['knn_last'], '.4f')} "
         f"({result['knn_last_epoch']}) | {fmt(result['knn_best'], '.4f')} "
         f"| {fmt(result['images_per_sec'], '.0f')} | {result['device']} |"
     )
