@@ -3,8 +3,10 @@
 # `bash benchmarks/gpu_prepare.sh` here, each call is
 #   bash benchmarks/gpu_session.sh STEP        with carry [".whl", ".data"]
 # Steps, in order of value; each writes its table under $OUT (or benchmarks/results):
-#   speedrun   SimCLR R18 CIFAR-10 200 epochs, device views, bf16: the 10-minute goal
-#   fast       the same with channels_last and a compiled backbone
+#   speedrun   SimCLR R18 CIFAR-10 200 epochs, device views, bf16, channels-last (the layout
+#              tensor cores use): the 10-minute goal
+#   plain      the same in NCHW (what channels-last gains)
+#   fast       the same with channels-last and a compiled backbone
 #   throughput views alone and training steps: PIL in workers vs device views (+compiled)
 #   pil        the 200-epoch run with lightly's PIL views in 8 workers (for comparison)
 #   fsdp1      50 steps of DINO under configs/trainer/fsdp.yaml (Lightning runs FSDP1 on GPUs only)
@@ -27,7 +29,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 # with the step it reached and its pace (its metrics.csv comes back under $OUT either way)
 speedrun=(python3 benchmarks/speedrun.py --data "$DATA" --out "$RESULTS" --budget-min "${BUDGET_MIN:-9}")
 case "$STEP" in
-  speedrun) "${speedrun[@]}" ;;
+  speedrun) "${speedrun[@]}" --channels-last ;;
+  plain) "${speedrun[@]}" ;;
   fast) "${speedrun[@]}" --fast ;;
   pil) "${speedrun[@]}" --pil ;;
   throughput)

@@ -3,6 +3,7 @@ GPU, timed from the command's start to its end, with the kNN top-1 (k=200, T=0.1
 epoch and the best epoch read from the run's ``metrics.csv``.
 
     python benchmarks/speedrun.py --data DIR                 # device views, bf16
+    python benchmarks/speedrun.py --data DIR --channels-last # + channels-last convolutions
     python benchmarks/speedrun.py --data DIR --fast          # + channels_last, compiled backbone
     python benchmarks/speedrun.py --data DIR --pil           # lightly's PIL views in 8 workers
     python benchmarks/speedrun.py --data DIR -- --trainer.max_epochs 20   # any CLI override
@@ -100,6 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="CIFAR-10 root, ImageFolder copy or .tar.gz")
     parser.add_argument("--pil", action="store_true", help="lightly's PIL views in workers")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last convolutions")
     parser.add_argument("--fast", action="store_true", help="channels_last + compiled backbone")
     parser.add_argument("--precision", default="bf16-mixed")
     parser.add_argument("--name", default=None, help="result name (default from the flags)")
@@ -107,9 +109,8 @@ def main() -> None:
     parser.add_argument("--budget-min", type=float, default=None, help="stop the run after it")
     parser.add_argument("overrides", nargs="*", help="extra sslzoo CLI arguments, after --")
     args = parser.parse_args()
-    name = args.name or "-".join(
-        ["pil" if args.pil else "device", args.precision] + (["fast"] if args.fast else [])
-    )
+    speed = ["fast"] if args.fast else ["cl"] if args.channels_last else []
+    name = args.name or "-".join(["pil" if args.pil else "device", args.precision, *speed])
     out = Path(args.out)
     run_dir = out / "runs" / f"speedrun-{name}"
     command = [
@@ -118,11 +119,10 @@ def main() -> None:
         "--trainer.default_root_dir", str(run_dir), "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
     command += ["--data.device_augment", "false" if args.pil else "true"]
+    if args.fast or args.channels_last:
+        command += ["--trainer.callbacks+=sslzoo.callbacks.ChannelsLast"]
     if args.fast:
-        command += [
-            "--trainer.callbacks+=sslzoo.callbacks.ChannelsLast",
-            "--trainer.callbacks+=sslzoo.callbacks.CompileBackbone",
-        ]
+        command += ["--trainer.callbacks+=sslzoo.callbacks.CompileBackbone"]
     command += args.overrides
     print(" ".join(command), flush=True)
     budget_s = args.budget_min * 60 if args.budget_min else None

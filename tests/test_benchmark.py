@@ -42,21 +42,23 @@ def load_speedrun() -> ModuleType:
 def test_speedrun_runs_the_simclr_config_and_reads_its_knn(cifar_root: str, tmp_path: Path) -> None:
     tiny = '{"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128], "stem_width": 16}'
     cmd = [sys.executable, str(REPO / "benchmarks" / "speedrun.py"), "--data", cifar_root,
-           "--precision", "32-true", "--out", str(tmp_path), "--",
+           "--precision", "32-true", "--channels-last", "--out", str(tmp_path), "--",
            "--data.subset_per_class", "30", "--data.batch_size", "64", "--data.num_workers", "0",
            "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1",
            "--model.init_args.backbone", "timm/resnet18",
            "--model.init_args.backbone_kwargs", tiny]  # fmt: skip
     done = subprocess.run(cmd, timeout=600, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    r = json.loads((tmp_path / "speedrun-device-32-true.json").read_text())
+    r = json.loads((tmp_path / "speedrun-device-32-true-cl.json").read_text())
     assert r["finished"] and r["epochs"] == 2 and r["projected_minutes"] is None
     assert r["knn_last_epoch"] == 1 and 0.0 <= r["knn_best"] <= 1.0
     assert r["knn_last"] <= r["knn_best"]
     # 300 images in batches of 64 with the last one dropped: 4 steps an epoch
     assert r["steps_per_epoch"] == 4 and r["last_step"] == 7
-    row = (tmp_path / "speedrun-device-32-true.md").read_text().splitlines()[-1]
-    assert row.startswith("| device-32-true |") and f"{r['knn_last']:.4f} (1)" in row
+    row = (tmp_path / "speedrun-device-32-true-cl.md").read_text().splitlines()[-1]
+    assert row.startswith("| device-32-true-cl |") and f"{r['knn_last']:.4f} (1)" in row
+    config = (tmp_path / "runs" / "speedrun-device-32-true-cl" / "config.yaml").read_text()
+    assert "sslzoo.callbacks.ChannelsLast" in config and "device_augment: true" in config
 
 
 def test_speedrun_budget_stops_a_run_and_projects_its_pace(tmp_path: Path) -> None:
