@@ -13,7 +13,13 @@ from PIL import Image
 from torchvision import transforms as T
 
 from sslzoo.datamodules import CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule
-from sslzoo.datamodules.images import ImageFiles, collate_skip_none
+from sslzoo.datamodules import images as images_module
+from sslzoo.datamodules.images import (
+    ImageFiles,
+    collate_skip_none,
+    decode_to_array,
+    decode_workers,
+)
 from sslzoo.methods.simclr import SimCLR
 from tests.conftest import TINY_RESNET
 from tests.helpers import quiet_trainer
@@ -43,6 +49,26 @@ def test_corrupt_image_is_skipped_and_reported(tmp_path: Path) -> None:
     batch = collate_skip_none([dataset[i] for i in range(len(dataset))])
     assert batch is not None and len(batch[1]) == len(dataset) - 1
     assert str(bad) in report.read_text()
+
+
+def test_parallel_decoding_keeps_order_and_reports_bad_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert decode_workers(100) == 0 and decode_workers(10**6) <= 16  # none for few images
+    folder = make_folder(tmp_path / "images", per_class=7)
+    bad = folder / "dog" / "4.jpg"
+    corrupt(bad)
+    samples = [(str(p), i) for i, p in enumerate(sorted(folder.rglob("*.jpg")))]
+    monkeypatch.setattr(images_module, "DECODE_CHUNK", 3)  # 5 chunks over 2 processes
+    serial = decode_to_array(samples, str(tmp_path / "serial.txt"), workers=0)
+    parallel = decode_to_array(samples, str(tmp_path / "parallel.txt"), workers=2)
+    assert np.array_equal(serial[0], parallel[0]) and np.array_equal(serial[1], parallel[1])
+    bad_index = next(i for path, i in samples if path == str(bad))
+    assert parallel[1].tolist() == [i for _, i in samples if i != bad_index]
+    for k, i in enumerate(parallel[1]):
+        assert np.array_equal(parallel[0][k], np.asarray(Image.open(samples[i][0]).convert("RGB")))
+    for report in ("serial.txt", "parallel.txt"):
+        assert (tmp_path / report).read_text().startswith(f"{bad}\t")
 
 
 def test_training_survives_a_corrupt_image(tmp_path: Path) -> None:

@@ -150,19 +150,62 @@ def extract_archive(archive: str | os.PathLike, cache_dir: str | os.PathLike | N
     return dest
 
 
+DECODE_CHUNK = 500  # images a decoding process takes at a time
+
+
+def _decode_chunk(paths: Sequence[str]) -> list[np.ndarray | Exception]:
+    """Each image as a uint8 array (H, W, 3), or the error that stopped its decoding."""
+    decoded: list[np.ndarray | Exception] = []
+    for path in paths:
+        try:
+            decoded.append(np.asarray(read_image(path)))
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            decoded.append(error)
+    return decoded
+
+
+def decode_workers(n_images: int) -> int:
+    """Decoding processes for ``n_images``: one per available core (at most 16) when there
+    are at least four chunks of work, else none (decoded in this process)."""
+    if n_images < 4 * DECODE_CHUNK:
+        return 0
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1
+    return min(cores, 16) if cores > 1 else 0
+
+
 def decode_to_array(
-    samples: Sequence[tuple[str, int]], report_file: str | None = None
+    samples: Sequence[tuple[str, int]], report_file: str | None = None, workers: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Decode same-sized images into one uint8 array, skipping (and reporting) bad files."""
+    """Decode same-sized images into one uint8 array, in order, skipping (and reporting) bad
+    files. ``workers`` processes decode chunks of the list (default: :func:`decode_workers`;
+    0 or 1: this process only)."""
+    from concurrent.futures import ProcessPoolExecutor
+
     from tqdm.auto import tqdm
 
+    paths = [str(path) for path, _ in samples]
+    workers = decode_workers(len(paths)) if workers is None else workers
+    chunks = [paths[i : i + DECODE_CHUNK] for i in range(0, len(paths), DECODE_CHUNK)]
+    decoded: list[np.ndarray | Exception] = []
+    with tqdm(total=len(paths), desc="decoding images", leave=False, mininterval=1.0) as bar:
+        if workers > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                for part in pool.map(_decode_chunk, chunks):
+                    decoded += part
+                    bar.update(len(part))
+        else:
+            for chunk in chunks:
+                decoded += _decode_chunk(chunk)
+                bar.update(len(chunk))
     images, labels = [], []
-    for path, label in tqdm(samples, desc="decoding images", leave=False, mininterval=1.0):
-        try:
-            images.append(np.asarray(read_image(path)))
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
-            report_skipped(report_file, path, error)
+    for (path, label), image in zip(samples, decoded, strict=True):
+        if isinstance(image, Exception):
+            report_skipped(report_file, path, image)
             continue
+        images.append(image)
         labels.append(label)
     shapes = {im.shape for im in images}
     if len(shapes) != 1:
