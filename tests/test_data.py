@@ -12,10 +12,13 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from sslzoo.callbacks.knn import shard_loader
 from sslzoo.datamodules import CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule
 from sslzoo.datamodules import images as images_module
 from sslzoo.datamodules.images import (
+    ImageArray,
     ImageFiles,
+    NormalizedImages,
     collate_skip_none,
     decode_to_array,
     decode_workers,
@@ -102,6 +105,34 @@ def test_cifar_image_folder_layout_with_subset(tmp_path: Path) -> None:
     images, labels = data.arrays("train")
     assert images.shape == (6, 32, 32, 3) and images.dtype == np.uint8
     assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
+
+
+def test_cifar_eval_images_at_size_skip_pil_and_workers_with_the_same_tensors(
+    tmp_path: Path,
+) -> None:
+    for split in ("train", "test"):
+        make_folder(tmp_path / "top" / split, per_class=5, size=32)
+    data = CIFAR10DataModule(str(tmp_path), batch_size=4, num_workers=2, pin_memory=False)
+    data.build_datasets(None, data.eval_transform())
+    assert isinstance(data.val_set, NormalizedImages)
+    images, labels = data.arrays("test")
+    reference = ImageArray(images, labels, transform=data.eval_transform())
+    loader = data.val_dataloader()
+    assert loader.num_workers == 0
+    batches = list(loader)
+    assert [len(y) for _, y in batches] == [4, 4, 2]
+    expected = [reference[i] for i in range(len(reference))]
+    assert torch.equal(torch.cat([x for x, _ in batches]), torch.stack([x for x, _ in expected]))
+    assert torch.cat([y for _, y in batches]).tolist() == [y for _, y in expected]
+    # a rank's shard of the kNN bank goes through the same batched fetch
+    shard = shard_loader(data.knn_bank_dataloader(), 1, 2)
+    bank = ImageArray(*data.arrays("train"), transform=data.eval_transform())
+    shard_images = torch.cat([x for x, _ in shard])
+    assert torch.equal(shard_images, torch.stack([bank[i][0] for i in range(1, len(bank), 2)]))
+
+    small = CIFAR10DataModule(str(tmp_path), image_size=16, num_workers=2)
+    small.build_datasets(None, small.eval_transform())  # resized: the PIL transform, in workers
+    assert isinstance(small.val_set, ImageArray) and small.val_dataloader().num_workers == 2
 
 
 def test_cifar_torchvision_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -102,13 +102,13 @@ class SSLDataModule(L.LightningDataModule):
             views = self.train_transform(self.trainer.lightning_module)
         self.build_datasets(views, self.eval_transform())
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, train: bool, num_workers: int | None = None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=train,
             drop_last=train,
-            num_workers=self.num_workers,
+            num_workers=self.num_workers if num_workers is None else num_workers,
             pin_memory=self.pin_memory,
             collate_fn=collate_skip_none,
             persistent_workers=False,

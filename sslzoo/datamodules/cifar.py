@@ -11,6 +11,7 @@ from sslzoo.datamodules.base import SSLDataModule
 from sslzoo.datamodules.device_batches import DeviceBatches, UInt8Images
 from sslzoo.datamodules.images import (
     ImageArray,
+    NormalizedImages,
     Transform,
     decode_to_array,
     extract_archive,
@@ -116,14 +117,31 @@ class CIFAR10DataModule(SSLDataModule):
             self._arrays[split] = self._load_split(train=split == "train")
         return self._arrays[split]
 
+    def _eval_is_normalize_only(self, images: np.ndarray) -> bool:
+        """Whether the evaluation transform leaves these images' size as it is (the default
+        transform with images already at ``image_size`` and no resize margin)."""
+        at_size = images.shape[1:3] == (self.image_size, self.image_size)
+        no_margin = round(self.image_size * self.eval_resize_ratio) == self.image_size
+        default = type(self).eval_transform is SSLDataModule.eval_transform
+        return at_size and no_margin and default
+
     def build_datasets(self, views: Transform | None, eval_transform: Transform) -> None:
         train, test = self.arrays("train"), self.arrays("test")
         if self.device_augment:  # whole images go to the device, cropped there too
             self.train_set = UInt8Images(*train)
         else:
             self.train_set = ImageArray(*train, transform=views)
-        self.bank_set = ImageArray(*train, transform=eval_transform)
-        self.val_set = ImageArray(*test, transform=eval_transform)
+        if self._eval_is_normalize_only(train[0]):  # whole batches at once, no workers
+            self.bank_set = NormalizedImages(*train, self.mean, self.std)
+            self.val_set = NormalizedImages(*test, self.mean, self.std)
+        else:
+            self.bank_set = ImageArray(*train, transform=eval_transform)
+            self.val_set = ImageArray(*test, transform=eval_transform)
+
+    def _loader(self, dataset: Any, train: bool, num_workers: int | None = None) -> Any:
+        if isinstance(dataset, NormalizedImages):
+            num_workers = 0  # a batch is one indexing and one vectorised conversion
+        return super()._loader(dataset, train, num_workers)
 
     def train_dataloader(self) -> Any:
         """With ``device_augment``: :class:`DeviceBatches` of uint8 images on the device."""

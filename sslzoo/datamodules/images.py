@@ -83,6 +83,43 @@ class ImageArray(Dataset):
         return (self.transform(image) if self.transform else image), int(self.labels[index])
 
 
+class NormalizedImages(Dataset):
+    """In-memory uint8 images (N, H, W, 3) served exactly as torchvision's ``ToTensor`` then
+    ``Normalize(mean, std)`` would serve them, without PIL: the evaluation images of a dataset
+    stored at its evaluation size (CIFAR at 32 px). A DataLoader fetches a whole batch in one
+    vectorised call (``__getitems__``), so no worker processes are needed."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: Sequence[int],
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"expected uint8 images of shape (N, H, W, 3), got {images.shape}")
+        self.images = torch.from_numpy(images)
+        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _normalized(self, images: torch.Tensor) -> torch.Tensor:
+        """(..., H, W, 3) uint8 -> (..., 3, H, W) float: ``ToTensor``'s ``/ 255``, then
+        ``Normalize``'s ``- mean`` and ``/ std``, the same float operations."""
+        return images.movedim(-1, -3).float().div(255).sub_(self.mean).div_(self.std)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self._normalized(self.images[index]), int(self.labels[index])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        batch = self._normalized(self.images[index])
+        return list(zip(batch.unbind(0), self.labels[index].tolist(), strict=True))
+
+
 def collate_skip_none(batch: list[Any]) -> Any:
     """Default collation after dropping samples that failed to load; None if all failed."""
     batch = [b for b in batch if b is not None]
