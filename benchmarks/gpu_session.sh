@@ -38,7 +38,8 @@ case "$STEP" in
     python3 benchmarks/augment_throughput.py --data "$DATA" --batch-size 512 --workers 8 \
       --compile-views --step $kornia | tee "$RESULTS/augment-throughput-gpu.md"
     python3 benchmarks/augment_throughput.py --data "$DATA" --batch-size 512 --workers 8 \
-      --step --precision bf16 --channels-last --devices cuda | tee -a "$RESULTS/augment-throughput-gpu.md" ;;
+      --step --precision bf16 --channels-last --devices cuda | tee -a "$RESULTS/augment-throughput-gpu.md"
+    python3 benchmarks/data_loading.py --data "$DATA" --workers 8 | tee "$RESULTS/data-loading-gpu-host.md" ;;
   fsdp1)
     python3 -m sslzoo fit --config configs/cifar10/dino.yaml --config configs/trainer/fsdp.yaml \
       --data.root "$DATA" --trainer.devices 1 --trainer.max_steps 50 \

@@ -76,12 +76,23 @@ class CIFAR10DataModule(SSLDataModule):
         how = HOW_TO_GET.format(tv=self.torchvision_dir, cls=self.torchvision_class)
         return FileNotFoundError(f"no {self.torchvision_class} data at {str(path)!r}. {how}")
 
-    def _load_split(self, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _unpacked_root(self) -> Path:
+        """``root``, unpacked first if it is an archive."""
         root = Path(self.root).expanduser()
         if not root.exists():
             raise self._missing(root)
-        if root.is_file() and ".tar" in root.name:
-            root = extract_archive(root)
+        return extract_archive(root) if root.is_file() and ".tar" in root.name else root
+
+    def image_folder(self) -> Path:
+        """The folder holding ``train/`` and ``test/`` of an ImageFolder copy."""
+        root = self._unpacked_root()
+        folder = next((d for d in [root, *sorted(root.glob("*/"))] if (d / "train").is_dir()), None)
+        if folder is None:
+            raise self._missing(root)
+        return folder
+
+    def _load_split(self, train: bool) -> tuple[np.ndarray, np.ndarray]:
+        root = self._unpacked_root()
         if (root / self.torchvision_dir).is_dir() or root.name == self.torchvision_dir:
             import torchvision
 
@@ -94,10 +105,7 @@ class CIFAR10DataModule(SSLDataModule):
                 samples = stratified_subset(samples, self.subset_per_class, self.subset_seed)
             idx = [i for i, _ in samples]
             return ds.data[idx], np.asarray(ds.targets, dtype=np.int64)[idx]
-        folder = next((d for d in [root, *sorted(root.glob("*/"))] if (d / "train").is_dir()), None)
-        if folder is None:
-            raise self._missing(root)
-        split = folder / ("train" if train else "test")
+        split = self.image_folder() / ("train" if train else "test")
         if not split.is_dir():
             raise self._missing(split)
         samples, _ = scan_folder(split, labeled=True)
