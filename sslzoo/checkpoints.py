@@ -61,13 +61,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     With ``background`` (the default), a save copies the checkpoint's tensors to host memory
     and returns; a worker thread serialises, writes and fsyncs the file while training goes on.
     Writes land one at a time, in order: the next save, a removal, a load and the end of the
-    run (``teardown``) wait for the one in flight, and re-raise its error if it failed.
+    run (``teardown``) wait for the one in flight, and re-raise its error if it failed. Saves
+    after the run's end (``trainer.save_checkpoint`` after ``fit``) are written before they
+    return, so the file can be read at once.
     """
 
     def __init__(self, background: bool = True) -> None:
         self.background = background
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
+        self._torn_down = False
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
@@ -76,7 +79,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        if not self.background:
+        if not self.background or self._torn_down:
             write_atomic(path, lambda f: torch.save(checkpoint, f))
             return
         # a point-in-time copy: training goes on updating the originals
@@ -100,6 +103,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         super().remove_checkpoint(path)
 
     def teardown(self) -> None:
+        self._torn_down = True
         try:
             self.wait()
         finally:

@@ -60,3 +60,12 @@ def test_foreground_writer_writes_before_returning(tmp_path: Path) -> None:
     io.save_checkpoint({"global_step": 7}, tmp_path / "last.ckpt")
     assert load(tmp_path / "last.ckpt")["global_step"] == 7
     assert io._executor is None
+
+
+def test_saves_after_teardown_are_written_before_returning(tmp_path: Path) -> None:
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"global_step": 1}, tmp_path / "last.ckpt")
+    io.teardown()  # the end of fit
+    io.save_checkpoint({"global_step": 2}, tmp_path / "manual.ckpt")
+    assert load(tmp_path / "manual.ckpt")["global_step"] == 2
+    assert io._executor is None
