@@ -43,7 +43,12 @@ from sslzoo.methods.simclr import SimCLR, nt_xent_loss
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 # configs/cifar10/simclr.yaml
 SIMCLR_CIFAR = dict(
-    temperature=0.5, num_proj_layers=2, proj_hidden_dim=512, proj_out_dim=128, blur_prob=0.0
+    temperature=0.5,
+    num_proj_layers=2,
+    proj_hidden_dim=512,
+    proj_out_dim=128,
+    blur_prob=0.0,
+    color_jitter_strength=0.5,
 )
 TINY = {"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128], "stem_width": 16}
 
@@ -99,7 +104,10 @@ def pil_batches(
     from lightly.transforms import SimCLRTransform
 
     transform = SimCLRTransform(
-        input_size=images.shape[1], gaussian_blur=0.0, normalize={"mean": MEAN, "std": STD}
+        input_size=images.shape[1],
+        cj_strength=0.5,
+        gaussian_blur=0.0,
+        normalize={"mean": MEAN, "std": STD},
     )
     for views, _ in worker_loader(PILImages(images, transform), batch, workers, device):
         yield [v.to(device, non_blocking=True) for v in views]
@@ -128,13 +136,14 @@ def crop_batches(
 
 
 def kornia_views(size: int, device: torch.device) -> Callable[[torch.Tensor], list[torch.Tensor]]:
-    """kornia.augmentation with SimCLR's settings (no blur, as the CIFAR config)."""
+    """kornia.augmentation with the CIFAR config's SimCLR settings (jitter strength 0.5, no
+    blur)."""
     import kornia.augmentation as K
 
     aug = nn.Sequential(
         K.RandomResizedCrop((size, size), scale=(0.08, 1.0)),
         K.RandomHorizontalFlip(),
-        K.ColorJitter(0.8, 0.8, 0.8, 0.2, p=0.8),
+        K.ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8),
         K.RandomGrayscale(p=0.2),
         K.Normalize(torch.tensor(MEAN), torch.tensor(STD)),
     ).to(device)
@@ -247,7 +256,7 @@ def main() -> None:
     for where in devices:
         for w in args.workers:
             run("pil", where, str(w), lambda b, w=w, d=where: pil_batches(images, b, w, d))
-        views = simclr_views(args.size, MEAN, STD, gaussian_blur=0.0).to(where)
+        views = simclr_views(args.size, MEAN, STD, cj_strength=0.5, gaussian_blur=0.0).to(where)
         for w in args.workers:
             cropped = lambda b, w=w, d=where, v=views: crop_batches(images, b, w, d, v)  # noqa: E731
             run("crops", where, str(w), cropped)

@@ -68,3 +68,21 @@ def test_trainer_presets_compose_with_method_configs(
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert f"{preset.upper()}Strategy" in printed and "sslzoo.methods.SimCLR" in printed
+
+
+def test_cifar10_simclr_is_the_simclr_readme_cifar_command(labeled_folder: Path) -> None:
+    """The SimCLR README's CIFAR-10 command (``--temperature=0.5 --use_blur=False
+    --color_jitter_strength=0.5 --train_batch_size=512 --resnet_depth=18``), which lightly's
+    CIFAR-10 benchmark repeats as ``SimCLRTransform(input_size=32, cj_strength=0.5,
+    gaussian_blur=0.0)``: the views are that transform's, setting by setting."""
+    config = REPO / "configs" / "cifar10" / "simclr.yaml"
+    cli = SSLZooCLI(args=["--config", str(config), "--data.root", str(labeled_folder)], run=False)
+    model, data = cli.model, cli.datamodule
+    assert model.hparams.temperature == 0.5 and data.batch_size == 512
+    assert model.hparams.backbone == "resnet18" and model.hparams.cifar_stem
+    expected = {"input_size": 32, "cj_prob": 0.8, "cj_strength": 0.5, "min_scale": 0.08,
+                "random_gray_scale": 0.2, "gaussian_blur": 0.0, "hf_prob": 0.5}  # fmt: skip
+    recipe = model.view_recipe(data.image_size)
+    assert {key: recipe[key] for key in expected} == expected
+    (view,) = set(model.device_view_transform(32, data.mean, data.std).recipes)
+    assert view.jitter == pytest.approx((0.4, 0.4, 0.4, 0.1)) and view.blur_prob == 0.0
