@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from sslzoo.datamodules.epoch_loader import ResumePoint
+from sslzoo.datamodules.images import check_uint8_images
 from sslzoo.seeding import global_seed
 
 
@@ -20,8 +21,7 @@ class UInt8Images(Dataset):
     a uint8 CHW tensor."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
-        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise ValueError(f"expected uint8 images of shape (N, H, W, 3), got {images.shape}")
+        check_uint8_images(images)
         self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
         self.labels = torch.as_tensor(labels, dtype=torch.long)
 

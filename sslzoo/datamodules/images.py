@@ -63,14 +63,21 @@ class ImageFiles(Dataset):
         return (self.transform(image) if self.transform else image), label
 
 
+def check_uint8_images(images: np.ndarray) -> None:
+    """Raise unless ``images`` is one uint8 array of RGB images, shape (N, H, W, 3)."""
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(
+            f"expected uint8 images of shape (N, H, W, 3), got {images.dtype} {images.shape}"
+        )
+
+
 class ImageArray(Dataset):
     """Images held in memory as one uint8 array of shape (N, H, W, 3)."""
 
     def __init__(
         self, images: np.ndarray, labels: Sequence[int], transform: Transform | None = None
     ) -> None:
-        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise ValueError(f"expected uint8 images of shape (N, H, W, 3), got {images.shape}")
+        check_uint8_images(images)
         self.images = images
         self.labels = np.asarray(labels, dtype=np.int64)
         self.transform = transform
@@ -96,8 +103,7 @@ class NormalizedImages(Dataset):
         mean: Sequence[float],
         std: Sequence[float],
     ) -> None:
-        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise ValueError(f"expected uint8 images of shape (N, H, W, 3), got {images.shape}")
+        check_uint8_images(images)
         self.images = torch.from_numpy(images)
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
