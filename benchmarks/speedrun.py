@@ -39,7 +39,10 @@ def read_run(run_dir: Path) -> dict[str, float | None]:
     rates: list[float] = []
     last_step, steps_per_epoch = None, None
     metrics = run_dir / "metrics.csv"
-    rows = csv.DictReader(metrics.open()) if metrics.is_file() else []
+    rows: list[dict[str, str]] = []
+    if metrics.is_file():
+        with open(metrics) as f:
+            rows = list(csv.DictReader(f))
     for row in rows:
         if row.get("step"):
             last_step = max(last_step or 0, int(float(row["step"])))
