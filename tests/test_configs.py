@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 from sslzoo.cli import SSLZooCLI
@@ -86,3 +87,23 @@ def test_cifar10_simclr_is_the_simclr_readme_cifar_command(labeled_folder: Path)
     assert {key: recipe[key] for key in expected} == expected
     (view,) = set(model.device_view_transform(32, data.mean, data.std).recipes)
     assert view.jitter == pytest.approx((0.4, 0.4, 0.4, 0.1)) and view.blur_prob == 0.0
+
+
+# The global batch of each official ImageNet recipe (SimCLR README, BYOL byol.py, MoCo v3
+# CONFIG.md, SimSiam README, SwAV swav_200ep_bs256_pretrain.sh, DINO and iBOT READMEs, MAE
+# PRETRAIN.md). ``devices: auto`` is counted as the 8 GPUs of one machine.
+OFFICIAL_IMAGENET_BATCH = {
+    "simclr": 4096, "byol": 4096, "mocov3": 4096, "mocov3_vit": 4096, "simsiam": 512,
+    "swav": 256, "dino": 1024, "ibot": 1024, "mae": 4096,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_IMAGENET_BATCH))
+def test_imagenet_configs_train_with_the_official_global_batch(name: str) -> None:
+    """``data.batch_size`` is per device: images per device x devices x nodes x accumulated
+    steps is the recipe's batch, on which the learning rate is scaled."""
+    config = yaml.safe_load((REPO / "configs" / "imagenet" / f"{name}.yaml").read_text())
+    trainer = config["trainer"]
+    devices = 8 if trainer.get("devices", "auto") == "auto" else int(trainer["devices"])
+    batch = config["data"]["init_args"]["batch_size"] * devices * trainer.get("num_nodes", 1)
+    assert batch * trainer.get("accumulate_grad_batches", 1) == OFFICIAL_IMAGENET_BATCH[name]
