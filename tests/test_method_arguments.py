@@ -21,6 +21,8 @@ OTHER = dict(
     momentum=0.77, betas=(0.8, 0.9), warmup_epochs=2.5, start_warmup_lr=1e-4, min_lr=2e-6,
     lars_trust_coefficient=0.02, exclude_bias_and_norm=False, sync_batchnorm=False,
 )  # fmt: skip
+# settings with two values: the one the method does not default to
+FLIPPED = {"lars_trust_ratio": ("update", "larc"), "lars_lr_in_momentum": (False, True)}
 
 
 @pytest.mark.parametrize(
@@ -30,6 +32,10 @@ def test_shared_settings_given_to_a_method_reach_the_base_class(name: str) -> No
     cls = getattr(methods, name)
     declared = set(inspect.signature(cls.__init__).parameters)
     given = {k: v for k, v in OTHER.items() if k in declared}
+    for key, values in FLIPPED.items():
+        if key in declared:
+            default = inspect.signature(cls.__init__).parameters[key].default
+            given[key] = next(v for v in values if v != default)
     assert given, "the method re-declares shared settings"
     arch = TINY_VIT if name in ("DINO", "IBOT", "MAE") else TINY_RESNET
     model = cls(**arch, **given)

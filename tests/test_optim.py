@@ -17,10 +17,11 @@ from lightly.utils.lars import LARS as LightlyLARS
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
+import sslzoo.methods as methods
 from sslzoo.methods import optim
 from sslzoo.methods.byol import BYOL
 from sslzoo.methods.lars import LARS
-from sslzoo.methods.optim import build_optimizer, split_decay, use_fused
+from sslzoo.methods.optim import build_optimizer, decay_groups, split_decay, use_fused
 from sslzoo.methods.schedules import warmup_cosine
 from sslzoo.methods.simclr import SimCLR
 from tests.conftest import TINY_RESNET
@@ -45,19 +46,47 @@ def test_teacher_parameters_are_not_optimized() -> None:
     assert not any(id(p) in ids for p in model.target_backbone.parameters())
 
 
-def test_lars_skips_adaptation_for_no_decay_groups() -> None:
-    """LARS (lightly's rule) applies the trust ratio only where weight decay is non-zero, so
-    the no-decay group (biases, norms) takes plain momentum-SGD steps: the official rule."""
-    w, b = torch.nn.Parameter(torch.ones(4, 4)), torch.nn.Parameter(torch.ones(4))
-    opt = LARS(
-        [{"params": [w], "weight_decay": 1e-6}, {"params": [b], "weight_decay": 0.0}], lr=1.0
-    )
-    w.grad, b.grad = torch.full((4, 4), 0.5), torch.full((4,), 0.5)
+def test_lars_adapts_by_group_flag_not_by_weight_decay() -> None:
+    """The no-decay group (biases, norms: ``lars_adapt=False``) takes plain momentum-SGD
+    steps, the official rule; a decayed group with weight decay 0 is still adapted (the
+    official code excludes by parameter, never by the value of the decay)."""
+    w, v, b = (torch.nn.Parameter(torch.ones(shape)) for shape in ((4, 4), (4, 4), (4,)))
+    groups = [
+        {"params": [w], "weight_decay": 1e-6},
+        {"params": [v], "weight_decay": 0.0},
+        *decay_groups([], [b], 1e-6)[1:],
+    ]
+    opt = LARS(groups, lr=1.0)
+    w.grad, v.grad, b.grad = torch.full((4, 4), 0.5), torch.full((4, 4), 0.5), torch.full((4,), 0.5)
     opt.step()
     assert torch.allclose(b, torch.full((4,), 0.5))  # 1 - lr * grad
-    trust = 1e-3 * w.detach().new_tensor(4.0) / (torch.full((4, 4), 0.5).norm() + 1e-6 * 4)
-    assert not torch.allclose(w, torch.full((4, 4), 0.5))
-    assert float(w[0, 0]) == pytest.approx(1 - float(trust) * (0.5 + 1e-6), rel=1e-3)
+    u = 0.5 + 1e-6  # g + wd w, every entry
+    trust = 1e-3 * 4.0 / (4 * u)  # eta ||w|| / ||u||, norms of 4x4 constants
+    assert float(w.detach()[0, 0]) == pytest.approx(1 - trust * u, rel=1e-6)
+    assert float(v.detach()[0, 0]) == pytest.approx(1 - 1e-3 * 4.0 / (4 * 0.5) * 0.5, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("name", "trust_ratio", "lr_in_momentum"),
+    [("SimCLR", "update", True), ("MoCoV3", "update", False), ("BYOL", "update", False),
+     ("SwAV", "larc", False)],
+)  # fmt: skip
+def test_each_method_builds_its_official_lars(
+    name: str, trust_ratio: str, lr_in_momentum: bool
+) -> None:
+    """SimCLR's LARS (``lars_optimizer.py``) puts the learning rate inside the momentum, MoCo v3
+    and BYOL divide by the norm of the decayed update, SwAV runs apex LARC over every
+    parameter; biases and norms are not adapted where the recipe excludes them from decay."""
+    model = getattr(methods, name)(**TINY_RESNET, optimizer="lars", sync_batchnorm=False)
+    model.trainer = quiet_trainer()
+    optimizer = model.configure_optimizers()
+    assert isinstance(optimizer, LARS)
+    for group in optimizer.param_groups:
+        assert group["trust_ratio"] == trust_ratio and group["lr_in_momentum"] is lr_in_momentum
+        assert group["lars_adapt"] is (group["name"] == "decay"), group["name"]
+    adapted = {id(p) for g in optimizer.param_groups if g["lars_adapt"] for p in g["params"]}
+    biases = [p for p in model.parameters() if p.requires_grad and p.ndim == 1]
+    assert all((id(p) in adapted) is (name == "SwAV") for p in biases)
 
 
 @pytest.mark.parametrize("scaling", ["linear", "sqrt"])
@@ -204,10 +233,7 @@ def lars_params() -> dict[str, nn.Parameter]:
 
 def lars_groups(params: dict[str, nn.Parameter], weight_decay: float = 0.05) -> list[dict]:
     decayed = [params[k] for k in ("weight", "double", "zero_weight", "zero_grad")]
-    return [
-        {"params": decayed, "weight_decay": weight_decay},
-        {"params": [params["bias"], params["no_grad"]], "weight_decay": 0.0},
-    ]
+    return decay_groups(decayed, [params["bias"], params["no_grad"]], weight_decay)
 
 
 def lars_steps(
@@ -239,7 +265,8 @@ def test_lars_steps_equal_lightly(options: str, foreach: bool) -> None:
     default) and in whole (device, dtype) buckets (the CUDA default)."""
     ours, theirs, start = lars_params(), lars_params(), lars_params()
     kwargs = dict(lr=0.5, trust_coefficient=0.02, **LARS_OPTIONS[options])
-    lars_steps(LARS(lars_groups(ours), foreach=foreach, **kwargs), ours, 6, seed=1)
+    optimizer = LARS(lars_groups(ours), foreach=foreach, trust_ratio="larc", **kwargs)
+    lars_steps(optimizer, ours, 6, seed=1)
     lars_steps(LightlyLARS(lars_groups(theirs), **kwargs), theirs, 6, seed=1)
     assert_same_params(ours, theirs)
     assert torch.equal(ours["no_grad"], start["no_grad"])
@@ -250,39 +277,107 @@ def test_lars_steps_equal_lightly(options: str, foreach: bool) -> None:
     assert torch.equal(ours["zero_grad"], start["zero_grad"])
 
 
-def test_lars_adapts_by_the_trust_ratio() -> None:
+@pytest.mark.parametrize("trust_ratio", ["update", "larc"])
+def test_lars_adapts_by_the_trust_ratio(trust_ratio: str) -> None:
     """One step without momentum against the formula: the decayed weight's update is
-    ``lr * trust * (g + wd * w)``; the zero tensor takes the plain step ``lr * g``."""
+    ``lr * trust * (g + wd * w)``, with ``trust = eta ||w|| / ||g + wd w||`` (``update``) or
+    ``eta ||w|| / (||g|| + wd ||w|| + eps)`` (``larc``); the zero tensor takes the plain step
+    ``lr * g``."""
     params, start = lars_params(), lars_params()
-    optimizer = LARS(lars_groups(params, weight_decay=0.1), lr=0.5, trust_coefficient=0.02)
+    groups = lars_groups(params, weight_decay=0.1)
+    optimizer = LARS(groups, lr=0.5, trust_coefficient=0.02, trust_ratio=trust_ratio)
     lars_steps(optimizer, params, 1, seed=1)
     g = torch.Generator().manual_seed(1)
     grads = {k: torch.randn(shape, generator=g) for k, shape in LARS_SHAPES.items()}
     w, grad = start["weight"].detach(), grads["weight"]
-    trust = 0.02 * w.norm() / (grad.norm() + 0.1 * w.norm() + 1e-8)
+    if trust_ratio == "update":
+        trust = 0.02 * w.norm() / (grad + 0.1 * w).norm()
+    else:
+        trust = 0.02 * w.norm() / (grad.norm() + 0.1 * w.norm() + 1e-8)
     torch.testing.assert_close(params["weight"], w - 0.5 * trust * (grad + 0.1 * w))
     torch.testing.assert_close(params["zero_weight"], -0.5 * grads["zero_weight"])
     torch.testing.assert_close(params["bias"], start["bias"] - 0.5 * grads["bias"])
 
 
+def reference_lars_steps(
+    params: dict[str, nn.Parameter], steps: int, seed: int, lrs: list[float], classic: bool
+) -> None:
+    """The official update, one parameter at a time, written out: MoCo v3's and DINO's
+    ``LARS`` (``mu = m mu + q u; p -= lr mu``) or, with ``classic``, SimCLR's
+    ``classic_momentum`` (``v = m v + lr q u; p -= v``), where ``u = g + wd p`` and
+    ``q = eta ||p|| / ||u||`` if both norms are positive, else 1; biases (the no-decay group)
+    take ``u = g``, ``q = 1``. Gradients as :func:`lars_steps` draws them."""
+    eta, wd, m = 0.02, 0.05, 0.9
+    buffers: dict[str, torch.Tensor] = {}
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for step in range(steps):
+            for name, p in params.items():
+                grad = torch.randn(p.shape, generator=g).to(p.dtype)
+                if name == "no_grad":
+                    continue
+                if name == "zero_grad":
+                    grad = torch.zeros_like(p)
+                u, q = grad, 1.0
+                if name != "bias":
+                    u = grad + wd * p
+                    if p.norm() > 0 and u.norm() > 0:
+                        q = eta * p.norm() / u.norm()
+                update = lrs[step] * q * u if classic else q * u
+                buf = buffers.get(name, torch.zeros_like(p))
+                buffers[name] = buf = m * buf + update
+                p -= buf if classic else lrs[step] * buf
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["per_tensor", "foreach"])
+@pytest.mark.parametrize("lr_in_momentum", [False, True], ids=["moco_dino", "simclr"])
+def test_lars_update_trust_ratio_equals_the_official_update(
+    lr_in_momentum: bool, foreach: bool
+) -> None:
+    """Five steps with a learning rate that moves (where the two momentum placements part)
+    against the official updates written out above."""
+    ours, theirs = lars_params(), lars_params()
+    lrs = [0.1, 0.3, 0.5, 0.4, 0.2]
+    optimizer = LARS(
+        lars_groups(ours), lr=lrs[0], momentum=0.9, trust_coefficient=0.02,
+        lr_in_momentum=lr_in_momentum, foreach=foreach,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    for lr in lrs:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for name, p in ours.items():
+            grad = torch.randn(p.shape, generator=g).to(p.dtype)
+            p.grad = None if name == "no_grad" else grad
+        ours["zero_grad"].grad.zero_()
+        optimizer.step()
+    reference_lars_steps(theirs, len(lrs), seed=1, lrs=lrs, classic=lr_in_momentum)
+    assert_same_params(ours, theirs)
+    other = lars_params()
+    reference_lars_steps(other, len(lrs), seed=1, lrs=lrs, classic=not lr_in_momentum)
+    assert not torch.allclose(ours["weight"], other["weight"])  # the placement matters
+
+
 def test_lars_state_dict_resumes_identically() -> None:
     """Three steps, a state_dict, three more in a fresh optimizer on copied parameters: the
-    same as six uninterrupted steps. lightly's state_dict (same keys) resumes ours too."""
+    same as six uninterrupted steps. lightly's state_dict (same keys, no ``trust_ratio``)
+    resumes ours too, with lightly's rule (``larc``)."""
     kwargs = dict(lr=0.5, momentum=0.9, trust_coefficient=0.02)
     straight = lars_params()
-    optimizer = LARS(lars_groups(straight), **kwargs)
+    optimizer = LARS(lars_groups(straight), trust_ratio="larc", **kwargs)
     lars_steps(optimizer, straight, 3, seed=1)
-    for first in (LARS, LightlyLARS):
+    for first in (functools.partial(LARS, trust_ratio="larc"), LightlyLARS):
         params = lars_params()
         before = first(lars_groups(params), **kwargs)
         lars_steps(before, params, 3, seed=1)
         saved = copy.deepcopy(before.state_dict())
         assert {k for s in saved["state"].values() for k in s} == {"momentum_buffer"}
         resumed = {k: nn.Parameter(p.detach().clone()) for k, p in params.items()}
-        after = LARS(lars_groups(resumed), **kwargs)
+        after = LARS(lars_groups(resumed), **kwargs)  # trust_ratio from the state_dict
         after.load_state_dict(saved)
         lars_steps(after, resumed, 3, seed=2)
-        if first is LARS:
+        assert {g["trust_ratio"] for g in after.param_groups} == {"larc"}
+        if first is not LightlyLARS:
             reference = straight
             lars_steps(optimizer, reference, 3, seed=2)
         assert_same_params(resumed, reference)
@@ -291,8 +386,9 @@ def test_lars_state_dict_resumes_identically() -> None:
 @pytest.mark.parametrize("foreach", [False, True], ids=["per_tensor", "foreach"])
 def test_lars_step_reads_nothing_on_the_host(foreach: bool) -> None:
     """lightly's step tests each norm on the host (``if p_norm != 0``); ours never does."""
-    ours = functools.partial(LARS, foreach=foreach)
-    for optimizer_class, expected in ((ours, []), (LightlyLARS, ["Tensor.__bool__"])):
+    update = functools.partial(LARS, foreach=foreach, trust_ratio="update")
+    larc = functools.partial(LARS, foreach=foreach, trust_ratio="larc")
+    for optimizer_class, expected in ((update, []), (larc, []), (LightlyLARS, ["Tensor.__bool__"])):
         params = lars_params()
         optimizer = optimizer_class(lars_groups(params), lr=0.5, momentum=0.9, nesterov=True)
         lars_steps(optimizer, params, 1, seed=1)  # the second step updates momentum buffers

@@ -24,7 +24,8 @@ from PIL import Image
 from torch import nn
 
 from sslzoo.backbones import Backbone, build_backbone
-from sslzoo.methods.optim import OptimizerName, build_optimizer, split_decay
+from sslzoo.methods.lars import TrustRatio
+from sslzoo.methods.optim import OptimizerName, build_optimizer, decay_groups, split_decay
 from sslzoo.methods.schedules import warmup_cosine
 
 ViewTransform = Callable[[Image.Image], list[torch.Tensor]]
@@ -101,6 +102,10 @@ class SSLMethod(L.LightningModule):
         start_warmup_lr: learning rate at step 0 of the warmup.
         min_lr: learning rate at the end of the cosine decay (not scaled).
         lars_trust_coefficient: LARS trust coefficient (eta).
+        lars_trust_ratio: ``update`` (eta ||w|| / ||g + wd w||: SimCLR, MoCo v3, BYOL, DINO)
+            or ``larc`` (eta ||w|| / (||g|| + wd ||w||): apex LARC, as SwAV runs it).
+        lars_lr_in_momentum: LARS scales the update by the learning rate before the momentum
+            buffer (SimCLR's ``classic_momentum``) rather than after (torch's SGD).
         exclude_bias_and_norm: exclude biases and norm parameters from weight decay and LARS
             adaptation.
         sync_batchnorm: convert BatchNorm layers to SyncBatchNorm when training on several
@@ -123,6 +128,8 @@ class SSLMethod(L.LightningModule):
         start_warmup_lr: float = 0.0,
         min_lr: float = 0.0,
         lars_trust_coefficient: float = 1e-3,
+        lars_trust_ratio: TrustRatio = "update",
+        lars_lr_in_momentum: bool = False,
         exclude_bias_and_norm: bool = True,
         sync_batchnorm: bool = False,
     ) -> None:
@@ -140,6 +147,8 @@ class SSLMethod(L.LightningModule):
             start_warmup_lr=start_warmup_lr,
             min_lr=min_lr,
             lars_trust_coefficient=lars_trust_coefficient,
+            lars_trust_ratio=lars_trust_ratio,
+            lars_lr_in_momentum=lars_lr_in_momentum,
             exclude_bias_and_norm=exclude_bias_and_norm,
             sync_batchnorm=sync_batchnorm,
         )
@@ -228,10 +237,7 @@ class SSLMethod(L.LightningModule):
         """Optimizer parameter groups. A group with ``fixed_lr=True`` keeps the scaled base
         learning rate instead of following the schedule."""
         decay, no_decay = split_decay(self.named_parameters(), self.settings.exclude_bias_and_norm)
-        return [
-            {"params": decay, "weight_decay": self.settings.weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-        ]
+        return decay_groups(decay, no_decay, self.settings.weight_decay)
 
     # ----------------------------------------------------------------- shared helpers
     def training_outputs(
@@ -371,6 +377,8 @@ class SSLMethod(L.LightningModule):
             st.momentum,
             st.betas,
             st.lars_trust_coefficient,
+            trust_ratio=st.lars_trust_ratio,
+            lr_in_momentum=st.lars_lr_in_momentum,
             fused=False if scaled else None,
         )
 

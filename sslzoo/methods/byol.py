@@ -17,6 +17,7 @@ from torch import nn
 
 from sslzoo.methods.base import LRScaling, SSLMethod, frozen_copy, init_arguments
 from sslzoo.methods.byol_views import BYOLPairViews
+from sslzoo.methods.lars import TrustRatio
 from sslzoo.methods.optim import OptimizerName
 
 
@@ -55,6 +56,8 @@ class BYOL(BYOLPairViews, SSLMethod):
         warmup_epochs: linear warmup, then cosine decay.
         min_lr: final learning rate.
         lars_trust_coefficient: LARS eta.
+        lars_trust_ratio: ``update``: eta ||w|| / ||g + wd w|| (``scale_by_lars``).
+        lars_lr_in_momentum: False: momentum first, then the learning rate.
     """
 
     def __init__(
@@ -82,6 +85,8 @@ class BYOL(BYOLPairViews, SSLMethod):
         warmup_epochs: float = 10.0,
         min_lr: float = 0.0,
         lars_trust_coefficient: float = 1e-3,
+        lars_trust_ratio: TrustRatio = "update",
+        lars_lr_in_momentum: bool = False,
     ) -> None:
         super().__init__(**init_arguments(SSLMethod, locals()))
         dim = self.backbone.num_features

@@ -45,6 +45,7 @@ from sslzoo.methods.base import (
     frozen_copy,
     init_arguments,
 )
+from sslzoo.methods.lars import TrustRatio
 from sslzoo.methods.optim import OptimizerName
 from sslzoo.methods.schedules import linear_warmup
 
@@ -354,6 +355,8 @@ class DINO(SSLMethod):
         warmup_epochs: linear learning-rate warmup, then cosine decay.
         min_lr: learning rate at the end of the cosine.
         lars_trust_coefficient: LARS eta.
+        lars_trust_ratio: ``update``: eta ||w|| / ||g + wd w|| (DINO's ``utils.LARS``).
+        lars_lr_in_momentum: False: momentum first, then the learning rate.
         sync_batchnorm: convert BatchNorm (if any) to SyncBatchNorm on several devices.
     """
 
@@ -398,6 +401,8 @@ class DINO(SSLMethod):
         warmup_epochs: float = 10.0,
         min_lr: float = 1e-6,
         lars_trust_coefficient: float = 1e-3,
+        lars_trust_ratio: TrustRatio = "update",
+        lars_lr_in_momentum: bool = False,
         sync_batchnorm: bool = True,
     ) -> None:
         super().__init__(

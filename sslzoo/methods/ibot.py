@@ -45,6 +45,7 @@ from sslzoo.methods.dino import (
     update_center,
     weight_normed_linear,
 )
+from sslzoo.methods.lars import TrustRatio
 from sslzoo.methods.optim import OptimizerName
 
 PredShape = Literal["block", "rand"]
@@ -433,6 +434,8 @@ class IBOT(DINO):
         warmup_epochs: linear learning-rate warmup, then cosine decay.
         min_lr: learning rate at the end of the cosine.
         lars_trust_coefficient: LARS eta.
+        lars_trust_ratio: ``update``: eta ||w|| / ||g + wd w|| (iBOT's ``utils.LARS``).
+        lars_lr_in_momentum: False: momentum first, then the learning rate.
     """
 
     # FSDP2: the ViT internals are called directly, not the backbone's forward, so backbones
@@ -492,6 +495,8 @@ class IBOT(DINO):
         warmup_epochs: float = 10.0,
         min_lr: float = 1e-6,
         lars_trust_coefficient: float = 1e-3,
+        lars_trust_ratio: TrustRatio = "update",
+        lars_lr_in_momentum: bool = False,
     ) -> None:
         if not is_timm_vit(backbone):
             raise ValueError(f"iBOT needs a timm VisionTransformer backbone, not {backbone!r}")

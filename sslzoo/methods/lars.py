@@ -1,48 +1,58 @@
-"""LARS without host-device syncs: lightly's update, with its zero-norm test on the device."""
+"""LARS as the official SSL recipes run it, with every test of a norm on the device."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.optim.optimizer import Optimizer
 
+TrustRatio = Literal["update", "larc"]
+
 
 class LARS(Optimizer):
     """SGD with momentum and LARS layer-wise adaptation ("Large batch training of
-    convolutional networks", You et al. 2017): the update of ``lightly.utils.lars.LARS``
-    (PyTorch Lightning Bolts'), with the same arguments, state and checkpoints.
+    convolutional networks", You et al. 2017), in the two forms the official SSL code uses.
 
-    For each parameter ``p`` with gradient ``g`` in a group with weight decay ``wd != 0``::
+    For each parameter ``p`` with gradient ``g`` in a group with ``lars_adapt`` (the default;
+    the recipes turn it off for biases and norms, which also get no weight decay), and
+    ``u = g + wd p``:
 
-        if ||p|| != 0 and ||g|| != 0:
-            g = (g + wd p) * trust_coefficient ||p|| / (||g|| + wd ||p|| + eps)
-        (else g is left alone: neither decayed nor scaled)
+    - ``trust_ratio="update"`` (SimCLR's ``lars_optimizer.py``, MoCo v3's and DINO's
+      ``LARS``, BYOL's ``scale_by_lars``): ``u = u * eta ||p|| / ||u||`` where both norms are
+      non-zero, else ``u`` unscaled.
+    - ``trust_ratio="larc"`` (apex ``LARC`` with ``clip=False``, as SwAV runs it; lightly's
+      and Bolts' ``LARS``): ``u = u * eta ||p|| / (||g|| + wd ||p|| + eps)`` where both
+      ``||p||`` and ``||g||`` are non-zero, else ``u = g`` (neither decayed nor scaled).
 
-    then, with momentum ``m``: ``buf = g`` on the first step, ``buf = m buf + (1 - dampening) g``
-    after, ``g = g + m buf`` (nesterov) or ``g = buf``; and ``p = p - lr g``. Groups with
-    ``wd == 0`` take plain momentum-SGD steps: no decay and no adaptation (the official
-    SimCLR/BYOL rule for biases and norms, in their own no-decay group).
+    Groups without ``lars_adapt`` take ``u = g + wd p``. Then, with momentum ``m``:
+    ``buf = u`` on the first step, ``buf = m buf + (1 - dampening) u`` after,
+    ``u = u + m buf`` (nesterov) or ``u = buf``; and ``p = p - lr u``. With
+    ``lr_in_momentum`` (SimCLR's ``classic_momentum``) the learning rate scales ``u`` before
+    it enters the buffer, and ``p = p - buf``: the two differ while the learning rate moves
+    (warmup, cosine).
 
-    lightly tests the norms with ``if p_norm != 0 and g_norm != 0`` on tensors: on a GPU, two
-    host-device syncs per parameter per step. Here the test is a ``torch.where`` on the device.
-    The step runs on (device, dtype) buckets of a group with ``torch._foreach_*`` ops: on a GPU
-    a whole bucket at once (the norms of every parameter in one call, the trust ratios as one
-    stacked tensor), on a CPU one tensor at a time, which keeps each tensor in cache through
-    its step (torch's own rule for its optimizers' ``foreach`` default). The operations and
-    their order are lightly's, and so are the results (equal bit for bit on CPU, in float32
-    and float64, where compared).
+    The zero-norm tests are ``torch.where`` on the device (lightly's ``if p_norm != 0`` is two
+    host-device syncs per parameter per step). The step runs on (device, dtype) buckets of a
+    group with ``torch._foreach_*`` ops: on a GPU a whole bucket at once, on a CPU one tensor
+    at a time, which keeps each tensor in cache through its step (torch's own rule for its
+    optimizers' ``foreach`` default). With ``trust_ratio="larc"`` the operations and their
+    order are lightly's, and so are the results (equal bit for bit on CPU where compared).
 
     Args:
-        params: parameters or parameter groups (each may set its own ``weight_decay``...).
+        params: parameters or parameter groups (each may set its own ``weight_decay``,
+            ``lars_adapt``...).
         lr: learning rate.
         momentum: momentum factor.
         dampening: dampening of the momentum.
         weight_decay: weight decay (L2 penalty added to the gradient before adaptation).
         nesterov: Nesterov momentum.
         trust_coefficient: LARS trust coefficient (eta).
-        eps: added to the trust ratio's denominator.
+        eps: added to the ``larc`` trust ratio's denominator.
+        trust_ratio: ``update`` or ``larc``, above.
+        lr_in_momentum: scale by the learning rate before the momentum buffer.
+        lars_adapt: adapt the groups that do not say otherwise.
         foreach: step whole buckets (True) or one tensor at a time (False); ``None`` takes
             whole buckets on CUDA only.
     """
@@ -57,6 +67,9 @@ class LARS(Optimizer):
         nesterov: bool = False,
         trust_coefficient: float = 0.001,
         eps: float = 1e-8,
+        trust_ratio: TrustRatio = "update",
+        lr_in_momentum: bool = False,
+        lars_adapt: bool = True,
         foreach: bool | None = None,
     ) -> None:
         if lr < 0.0:
@@ -67,6 +80,8 @@ class LARS(Optimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        if trust_ratio not in ("update", "larc"):
+            raise ValueError(f"trust_ratio must be 'update' or 'larc', got {trust_ratio!r}")
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -75,15 +90,22 @@ class LARS(Optimizer):
             nesterov=nesterov,
             trust_coefficient=trust_coefficient,
             eps=eps,
+            trust_ratio=trust_ratio,
+            lr_in_momentum=lr_in_momentum,
+            lars_adapt=lars_adapt,
             foreach=foreach,
         )
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        for group in self.param_groups:  # groups of older or lightly's checkpoints
+        for group in self.param_groups:
+            # groups of older or lightly's checkpoints: lightly's rule, adapted where decayed
             group.setdefault("nesterov", False)
             group.setdefault("foreach", None)
+            group.setdefault("trust_ratio", "larc")
+            group.setdefault("lr_in_momentum", False)
+            group.setdefault("lars_adapt", group["weight_decay"] != 0)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -109,11 +131,15 @@ class LARS(Optimizer):
     def _step_bucket(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """The step of the parameters of one group on one device with one dtype."""
         grads = [p.grad for p in params]
-        weight_decay, momentum = group["weight_decay"], group["momentum"]
-        if weight_decay != 0:
+        weight_decay, momentum, lr = group["weight_decay"], group["momentum"], group["lr"]
+        if group["lars_adapt"]:
             updates = self._adapted(params, grads, group)
+        elif weight_decay != 0:
+            updates = torch._foreach_add(grads, params, alpha=weight_decay)
         else:
             updates = grads  # read only below: the gradients are never changed
+        if group["lr_in_momentum"]:
+            updates, lr = torch._foreach_mul(updates, lr), 1.0
         if momentum != 0:
             bufs, old_bufs, old_updates = [], [], []
             for p, update in zip(params, updates, strict=True):
@@ -132,24 +158,29 @@ class LARS(Optimizer):
                 updates = torch._foreach_add(updates, bufs, alpha=momentum)
             else:
                 updates = bufs
-        torch._foreach_add_(params, updates, alpha=-group["lr"])
+        torch._foreach_add_(params, updates, alpha=-lr)
 
     @staticmethod
     def _adapted(
         params: list[torch.Tensor], grads: list[torch.Tensor], group: dict[str, Any]
     ) -> list[torch.Tensor]:
-        """``(g + wd p) * trust`` where both norms are non-zero, ``g`` elsewhere: new tensors.
-        (Parameters whose norm is 0 are 0, finite ones at least; gradients likewise.)"""
-        weight_decay = group["weight_decay"]
-        norms = torch.stack(torch._foreach_norm([*params, *grads])).view(2, len(params))
-        p_norm, g_norm = norms
-        # lightly's expression, in its order of operations
-        trust = p_norm / (g_norm + p_norm * weight_decay + group["eps"])
-        trust = trust * group["trust_coefficient"]
-        adapt = norms.ne(0).all(dim=0)  # both norms non-zero
-        # Elsewhere lightly leaves g as it is, which (g + wd p) * scale gives exactly with
-        # scale 1 where p = 0 (wd p = 0) and scale 0 where g = 0: scale = (||g|| != 0).
-        scale = torch.where(adapt, trust, g_norm.ne(0).to(trust.dtype))
-        updates = torch._foreach_add(grads, params, alpha=weight_decay)  # lightly's kernels
+        """The adapted update of each parameter (new tensors). Parameters whose norm is 0 are
+        0 (finite ones at least); gradients likewise."""
+        weight_decay, eta = group["weight_decay"], group["trust_coefficient"]
+        updates = torch._foreach_add(grads, params, alpha=weight_decay)
+        if group["trust_ratio"] == "update":
+            norms = torch.stack(torch._foreach_norm([*params, *updates])).view(2, len(params))
+            p_norm, u_norm = norms
+            trust = eta * p_norm / u_norm  # MoCo v3's order of operations
+            scale = torch.where(norms.ne(0).all(dim=0), trust, torch.ones_like(trust))
+        else:
+            norms = torch.stack(torch._foreach_norm([*params, *grads])).view(2, len(params))
+            p_norm, g_norm = norms
+            # lightly's expression, in its order of operations
+            trust = p_norm / (g_norm + p_norm * weight_decay + group["eps"])
+            trust = trust * eta
+            # Elsewhere lightly leaves g as it is, which (g + wd p) * scale gives exactly with
+            # scale 1 where p = 0 (wd p = 0) and scale 0 where g = 0: scale = (||g|| != 0).
+            scale = torch.where(norms.ne(0).all(dim=0), trust, g_norm.ne(0).to(trust.dtype))
         torch._foreach_mul_(updates, list(scale.unbind()))
         return updates

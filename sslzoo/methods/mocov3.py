@@ -32,6 +32,7 @@ from torch import nn
 
 from sslzoo.methods.base import LRScaling, SSLMethod, frozen_copy, init_arguments
 from sslzoo.methods.byol_views import BYOLPairViews
+from sslzoo.methods.lars import TrustRatio
 from sslzoo.methods.optim import OptimizerName
 
 
@@ -192,6 +193,8 @@ class MoCoV3(BYOLPairViews, SSLMethod):
         warmup_epochs: linear warmup (10 ResNet, 40 ViT), then cosine decay to 0.
         min_lr: final learning rate.
         lars_trust_coefficient: LARS eta.
+        lars_trust_ratio: ``update``: eta ||w|| / ||g + wd w|| (``moco/optimizer.py``).
+        lars_lr_in_momentum: False: momentum first, then the learning rate (as torch's SGD).
         exclude_bias_and_norm: no weight decay and no LARS adaptation for parameters with
             ndim <= 1 (the official LARS); the official AdamW decays every parameter (False).
     """
@@ -229,6 +232,8 @@ class MoCoV3(BYOLPairViews, SSLMethod):
         warmup_epochs: float = 10.0,
         min_lr: float = 0.0,
         lars_trust_coefficient: float = 1e-3,
+        lars_trust_ratio: TrustRatio = "update",
+        lars_lr_in_momentum: bool = False,
         exclude_bias_and_norm: bool = True,
     ) -> None:
         super().__init__(**init_arguments(SSLMethod, locals()))

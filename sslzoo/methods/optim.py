@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from sslzoo.methods.lars import LARS
+from sslzoo.methods.lars import LARS, TrustRatio
 
 OptimizerName = Literal["sgd", "lars", "adamw"]
 
@@ -27,6 +27,17 @@ def split_decay(
             continue
         (no_decay if exclude_bias_and_norm and p.ndim <= 1 else decay).append(p)
     return decay, no_decay
+
+
+def decay_groups(
+    decay: list[nn.Parameter], no_decay: list[nn.Parameter], weight_decay: float, prefix: str = ""
+) -> list[dict[str, Any]]:
+    """The two parameter groups of :func:`split_decay`'s halves: the no-decay group (biases
+    and norms) is excluded from LARS adaptation too, as the official recipes exclude them."""
+    return [
+        {"params": decay, "weight_decay": weight_decay, "name": f"{prefix}decay"},
+        {"params": no_decay, "weight_decay": 0.0, "lars_adapt": False, "name": f"{prefix}no_decay"},
+    ]
 
 
 def use_fused(params: Iterable[torch.Tensor], device_types: Collection[str] = ("cuda",)) -> bool:
@@ -50,14 +61,15 @@ def build_optimizer(
     betas: tuple[float, float],
     trust_coefficient: float,
     *,
+    trust_ratio: TrustRatio = "update",
+    lr_in_momentum: bool = False,
     fused: bool | None = None,
 ) -> torch.optim.Optimizer:
     """Build the optimizer; each group carries its own ``weight_decay``.
 
-    LARS is :class:`sslzoo.methods.lars.LARS`, lightly's update without its host-device syncs,
-    which skips the trust-ratio adaptation for groups whose weight decay is 0: with biases and
-    norms in the no-decay group this is the official SimCLR/BYOL/MoCo v3 rule of excluding them
-    from both decay and adaptation.
+    LARS is :class:`sslzoo.methods.lars.LARS` with ``trust_ratio`` and ``lr_in_momentum``; it
+    adapts the groups that do not set ``lars_adapt=False`` (the official recipes exclude biases
+    and norms from both decay and adaptation: the no-decay group says so).
 
     ``fused`` picks torch's fused SGD/AdamW kernels: ``None`` when :func:`use_fused` says so,
     ``False`` never (torch's default, foreach kernels on CUDA), ``True`` always (torch refuses
@@ -72,7 +84,14 @@ def build_optimizer(
     if name == "lars":
         if fused:
             raise ValueError("LARS has no fused kernel; pass fused=None or False")
-        return LARS(groups, lr=lr, momentum=momentum, trust_coefficient=trust_coefficient)
+        return LARS(
+            groups,
+            lr=lr,
+            momentum=momentum,
+            trust_coefficient=trust_coefficient,
+            trust_ratio=trust_ratio,
+            lr_in_momentum=lr_in_momentum,
+        )
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, **kernels)
     raise ValueError(f"unknown optimizer {name!r}; choose one of sgd, lars, adamw")

@@ -20,6 +20,7 @@ from torch import nn
 
 from sslzoo.augment.views import simclr_views
 from sslzoo.methods.base import LRScaling, SSLMethod, ViewTransform, init_arguments
+from sslzoo.methods.lars import TrustRatio
 from sslzoo.methods.optim import OptimizerName
 
 
@@ -110,6 +111,9 @@ class SimCLR(SSLMethod):
         warmup_epochs: linear warmup, then cosine decay.
         min_lr: final learning rate.
         lars_trust_coefficient: LARS eta.
+        lars_trust_ratio: ``update``: eta ||w|| / ||g + wd w|| (``lars_optimizer.py``).
+        lars_lr_in_momentum: SimCLR's ``classic_momentum``: the learning rate enters the momentum
+            buffer.
     """
 
     def __init__(
@@ -138,6 +142,8 @@ class SimCLR(SSLMethod):
         warmup_epochs: float = 10.0,
         min_lr: float = 0.0,
         lars_trust_coefficient: float = 1e-3,
+        lars_trust_ratio: TrustRatio = "update",
+        lars_lr_in_momentum: bool = True,
     ) -> None:
         super().__init__(**init_arguments(SSLMethod, locals()))
         dim = self.backbone.num_features

@@ -24,7 +24,7 @@ from torch import nn
 
 from sslzoo.augment.views import simsiam_views
 from sslzoo.methods.base import LRScaling, SSLMethod, ViewTransform, init_arguments
-from sslzoo.methods.optim import OptimizerName, split_decay
+from sslzoo.methods.optim import OptimizerName, decay_groups, split_decay
 
 
 class SimSiamProjector(nn.Sequential):
@@ -141,10 +141,7 @@ class SimSiam(SSLMethod):
             ("predictor_", self.predictor.named_parameters(), self.hparams.fix_pred_lr),
         ):
             decay, no_decay = split_decay(params, st.exclude_bias_and_norm)
-            groups += [
-                {"params": decay, "weight_decay": st.weight_decay, "name": f"{prefix}decay"},
-                {"params": no_decay, "weight_decay": 0.0, "name": f"{prefix}no_decay"},
-            ]
+            groups += decay_groups(decay, no_decay, st.weight_decay, prefix)
             for g in groups[-2:]:
                 g["fixed_lr"] = fixed
         return [g for g in groups if g["params"]]

@@ -37,6 +37,7 @@ from sslzoo.methods.base import (
     forward_multicrop,
     init_arguments,
 )
+from sslzoo.methods.lars import TrustRatio
 from sslzoo.methods.optim import OptimizerName
 from sslzoo.sharding import full_tensor
 
@@ -204,6 +205,9 @@ class SwAV(SSLMethod):
         start_warmup_lr: learning rate at step 0 (absolute, not scaled).
         min_lr: final learning rate (absolute; the recipe's base/1000 = 4.8/1000).
         lars_trust_coefficient: LARC trust coefficient.
+        lars_trust_ratio: ``larc``: eta ||w|| / (||g|| + wd ||w|| + eps), apex ``LARC``
+            with ``clip=False`` over every parameter.
+        lars_lr_in_momentum: False: LARC scales the gradient, then torch's SGD steps.
         exclude_bias_and_norm: keep biases and norms out of weight decay and LARC adaptation
             (False: the official code adapts and decays every parameter).
     """
@@ -243,6 +247,8 @@ class SwAV(SSLMethod):
         start_warmup_lr: float = 0.3,
         min_lr: float = 0.0048,
         lars_trust_coefficient: float = 1e-3,
+        lars_trust_ratio: TrustRatio = "larc",
+        lars_lr_in_momentum: bool = False,
         exclude_bias_and_norm: bool = False,
     ) -> None:
         if not len(nmb_crops) == len(size_crops) == len(min_scale_crops) == len(max_scale_crops):
