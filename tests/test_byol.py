@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from sslzoo.methods.byol import BYOL, regression_loss
-from tests.conftest import TINY_RESNET
+from tests.conftest import REPO, TINY_RESNET
 
 SMALL = dict(**TINY_RESNET, projector_hidden_dim=32, projector_out_dim=8, predictor_hidden_dim=32)
 
@@ -43,17 +46,24 @@ def test_symmetric_loss_uses_target_of_the_other_view() -> None:
     assert torch.allclose(out["loss"].detach(), expected, atol=1e-4)
 
 
-def test_lightly_heads_match_byol_mlp() -> None:
-    """lightly's BYOL heads are Linear -> BN -> ReLU -> Linear, the official MLP; the first
-    Linear drops its bias because BN follows, which changes nothing."""
+def test_heads_are_the_official_mlp_without_output_bias() -> None:
+    """The official ``networks.MLP`` is Linear -> BN -> ReLU -> Linear(with_bias=False).
+    lightly's BYOL heads add a bias to the output Linear, a parameter the official model does
+    not have, so the heads are our own; the first Linear has no bias (the BN after it cancels
+    one). Checked against the formula written out, in train mode (batch statistics)."""
     model = BYOL(**SMALL, sync_batchnorm=False)
     for head, dims in ((model.projector, (128, 32, 8)), (model.predictor, (8, 32, 8))):
-        layers = list(head.modules())
-        linears = [m for m in layers if isinstance(m, nn.Linear)]
+        linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
         assert [(m.in_features, m.out_features) for m in linears] == [dims[:2], dims[1:]]
-        assert any(isinstance(m, nn.BatchNorm1d) for m in layers)
-        assert any(isinstance(m, nn.ReLU) for m in layers)
-        assert linears[-1].bias is not None
+        assert all(m.bias is None for m in linears)
+        bn = next(m for m in head.modules() if isinstance(m, nn.BatchNorm1d))
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.5, 0.5)
+        x = torch.randn(6, dims[0])
+        h = x @ linears[0].weight.T
+        h = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + bn.eps)
+        expected = torch.relu(h * bn.weight + bn.bias) @ linears[1].weight.T
+        torch.testing.assert_close(head(x), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_teacher_is_backbone_and_projector_without_grad() -> None:
@@ -80,3 +90,54 @@ def test_views_are_asymmetric_as_in_byol() -> None:
         )
         probs.append((blur.prob, solar.prob))
     assert probs == [(1.0, 0.0), (0.1, 0.2)]
+    for view in model.device_view_transform(32, [0.5] * 3, [0.25] * 3).recipes:
+        assert view.jitter == pytest.approx((0.4, 0.4, 0.2, 0.1))
+
+
+def test_color_jitter_argument_reaches_both_view_pipelines() -> None:
+    model = BYOL(**SMALL, sync_batchnorm=False, color_jitter=(0.3, 0.2, 0.1, 0.05))
+    for view in model.view_transform(32, [0.5] * 3, [0.25] * 3).transforms:
+        ops = view.transform.transforms
+        cj = next(o for o in ops if type(o).__name__ == "RandomApply").transforms[0]
+        assert cj.brightness == pytest.approx((0.7, 1.3)) and cj.hue == pytest.approx((-0.05, 0.05))
+    for view in model.device_view_transform(32, [0.5] * 3, [0.25] * 3).recipes:
+        assert view.jitter == pytest.approx((0.3, 0.2, 0.1, 0.05))
+
+
+def test_cifar10_config_takes_the_steps_of_lightlys_benchmark() -> None:
+    """configs/cifar10/byol.yaml follows lightly's CIFAR-10 benchmark, whose loss is
+    ``0.5 (NegCos(p1, z2) + NegCos(p2, z1))`` under SGD(lr 0.06 x batch / 128, momentum 0.9,
+    wd 5e-4 on every parameter). BYOL's loss has 4x that gradient; the config's lr and weight
+    decay make SGD take the same steps from the same start."""
+    from lightly.loss import NegativeCosineSimilarity
+
+    config = yaml.safe_load((REPO / "configs" / "cifar10" / "byol.yaml").read_text())
+    args, batch = config["model"]["init_args"], config["data"]["init_args"]["batch_size"]
+    assert args["optimizer"] == "sgd" and args["exclude_bias_and_norm"] is False
+    torch.manual_seed(0)
+    ours = BYOL(**SMALL, sync_batchnorm=False)
+    theirs, start = copy.deepcopy(ours), copy.deepcopy(ours)
+
+    def sgd(model: BYOL, lr: float, wd: float) -> torch.optim.SGD:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.SGD(params, lr=lr, momentum=args["momentum"], weight_decay=wd)
+
+    opt_ours = sgd(ours, args["lr"] * batch / 256, args["weight_decay"])
+    opt_theirs = sgd(theirs, 0.06 * batch / 128, 5e-4)
+    criterion = NegativeCosineSimilarity()
+    for _ in range(3):
+        x1, x2 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
+        loss = ours.training_step(([x1, x2], torch.arange(8)), 0)["loss"]
+        opt_ours.zero_grad()
+        loss.backward()
+        opt_ours.step()
+        p1, p2 = (theirs.predictor(theirs.projector(theirs.backbone(x))) for x in (x1, x2))
+        with torch.no_grad():
+            z1, z2 = (theirs.target_projector(theirs.target_backbone(x)) for x in (x1, x2))
+        loss = 0.5 * (criterion(p1, z2) + criterion(p2, z1))
+        opt_theirs.zero_grad()
+        loss.backward()
+        opt_theirs.step()
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    assert not torch.allclose(ours.projector[0].weight, start.projector[0].weight)

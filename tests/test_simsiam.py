@@ -231,3 +231,9 @@ def test_configs_instantiate(name: str, tmp_path: Path) -> None:
     assert isinstance(model, SimSiam)
     assert model.hparams.fix_pred_lr
     assert model.projector[-1].num_features == model.hparams.dim
+    # lightly's CIFAR-10 benchmark, which the CIFAR config follows: "a 2-layer projection head
+    # for cifar10 as described in the paper", 512-2048-2048; the ImageNet recipe's has 3
+    linears = [(m.in_features, m.out_features) for m in model.projector if isinstance(m, nn.Linear)]
+    expected = {"cifar10/simsiam": [(512, 2048), (2048, 2048)],
+                "imagenet/simsiam": [(2048, 2048), (2048, 2048), (2048, 2048)]}  # fmt: skip
+    assert linears == expected[name]

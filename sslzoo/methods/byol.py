@@ -12,13 +12,26 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightly.models.modules.heads import BYOLPredictionHead, BYOLProjectionHead
 from torch import nn
 
 from sslzoo.methods.base import LRScaling, SSLMethod, frozen_copy, init_arguments
 from sslzoo.methods.byol_views import BYOLPairViews
 from sslzoo.methods.lars import TrustRatio
 from sslzoo.methods.optim import OptimizerName
+
+
+class BYOLMLP(nn.Sequential):
+    """BYOL's projector and predictor (``networks.MLP``): Linear -> BN -> ReLU -> Linear, the
+    last Linear without bias. (lightly's ``BYOLProjectionHead`` has a bias there, the official
+    one does not; the first Linear's bias, which the BN after it cancels, is left out.)"""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int) -> None:
+        super().__init__(
+            nn.Linear(input_dim, hidden_dim, bias=False),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, output_dim, bias=False),
+        )
 
 
 def regression_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -38,7 +51,10 @@ class BYOL(BYOLPairViews, SSLMethod):
         predictor_hidden_dim: predictor MLP hidden width.
         ema_momentum: base EMA momentum tau_base; rises to 1 on a cosine over the run.
         crop_min_scale: smallest random-resized-crop area fraction.
-        color_jitter_prob: probability of colour jitter (0.4, 0.4, 0.2, 0.1), random order.
+        color_jitter: colour jitter (brightness, contrast, saturation, hue), as torchvision's
+            ``ColorJitter`` (the official TF ops differ in form: additive brightness,
+            contrast around each channel's mean).
+        color_jitter_prob: probability of colour jitter, applied in random order.
         grayscale_prob: probability of grayscale.
         blur_prob: Gaussian blur probability of (view 1, view 2).
         solarize_prob: solarisation probability of (view 1, view 2).
@@ -46,18 +62,22 @@ class BYOL(BYOLPairViews, SSLMethod):
         hflip_prob: probability of a horizontal flip.
         sync_batchnorm: synchronise BatchNorm across devices (``cross_replica_axis``).
         backbone: backbone name (see :class:`SSLMethod`).
-        backbone_kwargs: backbone constructor arguments.
+        backbone_kwargs: backbone constructor arguments (``zero_init_residual: true`` for
+            torchvision ResNets, as officially: haiku's ResNet-50 blocks zero-initialise
+            their last BN).
         cifar_stem: 3x3 stride-1 ResNet stem for 32x32 images.
         optimizer: ``lars`` officially.
         lr: base learning rate per 256 images.
         lr_scaling: learning-rate scaling rule.
-        weight_decay: weight decay (not on biases and BN).
+        weight_decay: weight decay.
         momentum: LARS momentum.
         warmup_epochs: linear warmup, then cosine decay.
         min_lr: final learning rate.
         lars_trust_coefficient: LARS eta.
         lars_trust_ratio: ``update``: eta ||w|| / ||g + wd w|| (``scale_by_lars``).
         lars_lr_in_momentum: False: momentum first, then the learning rate.
+        exclude_bias_and_norm: no weight decay and no LARS adaptation for biases and BN (the
+            official ``exclude_bias_and_norm``).
     """
 
     def __init__(
@@ -67,6 +87,7 @@ class BYOL(BYOLPairViews, SSLMethod):
         predictor_hidden_dim: int = 4096,
         ema_momentum: float = 0.996,
         crop_min_scale: float = 0.08,
+        color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
         color_jitter_prob: float = 0.8,
         grayscale_prob: float = 0.2,
         blur_prob: tuple[float, float] = (1.0, 0.1),
@@ -87,13 +108,12 @@ class BYOL(BYOLPairViews, SSLMethod):
         lars_trust_coefficient: float = 1e-3,
         lars_trust_ratio: TrustRatio = "update",
         lars_lr_in_momentum: bool = False,
+        exclude_bias_and_norm: bool = True,
     ) -> None:
         super().__init__(**init_arguments(SSLMethod, locals()))
         dim = self.backbone.num_features
-        self.projector = BYOLProjectionHead(dim, projector_hidden_dim, projector_out_dim)
-        self.predictor = BYOLPredictionHead(
-            projector_out_dim, predictor_hidden_dim, projector_out_dim
-        )
+        self.projector = BYOLMLP(dim, projector_hidden_dim, projector_out_dim)
+        self.predictor = BYOLMLP(projector_out_dim, predictor_hidden_dim, projector_out_dim)
         self.target_backbone = frozen_copy(self.backbone)
         self.target_projector = frozen_copy(self.projector)
 
@@ -107,9 +127,14 @@ class BYOL(BYOLPairViews, SSLMethod):
     def view_recipe(self, image_size: int) -> dict[str, Any]:
         """The settings both views share, in lightly's ``BYOLView1Transform`` keywords."""
         hp = self.hparams
+        bright, contrast, sat, hue = hp.color_jitter
         return dict(
             input_size=image_size,
             cj_prob=hp.color_jitter_prob,
+            cj_bright=bright,
+            cj_contrast=contrast,
+            cj_sat=sat,
+            cj_hue=hue,
             min_scale=hp.crop_min_scale,
             random_gray_scale=hp.grayscale_prob,
             sigmas=tuple(hp.blur_sigma),
