@@ -63,6 +63,19 @@ def test_projection_head_is_v2_layout() -> None:
     assert all(bn.bias.requires_grad for bn in bns[:-1])
 
 
+def test_projection_head_starts_from_the_official_normal_init() -> None:
+    """tf2/model.py ``LinearLayer``: ``Dense(kernel_initializer=RandomNormal(stddev=0.01))``;
+    PyTorch's default (kaiming uniform) has std 1 / sqrt(3 fan_in), 0.014 at fan_in 1600."""
+    torch.manual_seed(0)
+    for init_std, expected in ((0.01, 0.01), (None, 1 / math.sqrt(3 * 1600))):
+        head = SimCLRProjectionHead(1600, 1600, 1600, num_layers=3, init_std=init_std)
+        for lin in (m for m in head if isinstance(m, nn.Linear)):
+            assert float(lin.weight.std()) == pytest.approx(expected, rel=0.01)
+            assert abs(float(lin.weight.mean())) < 1e-4
+    model = SimCLR(**TINY_RESNET, sync_batchnorm=False, proj_init_std=0.05)
+    assert float(model.projection_head[0].weight.std()) == pytest.approx(0.05, rel=0.05)
+
+
 def test_lightly_view_recipe_matches_simclr() -> None:
     """lightly's SimCLRTransform is the official recipe: crop (0.08, 1), colour jitter
     (0.8s, 0.8s, 0.8s, 0.2s) with p=0.8 (torchvision's ColorJitter applies its four ops in a

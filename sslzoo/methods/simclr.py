@@ -29,10 +29,18 @@ class SimCLRProjectionHead(nn.Sequential):
 
     ``num_layers - 1`` hidden layers of Linear(no bias) -> BN -> ReLU with width equal to the
     input, then Linear(no bias) -> BN without beta (``center=False``): the last BN keeps its
-    scale but its shift is fixed at zero.
+    scale but its shift is fixed at zero. Linear weights start from N(0, ``init_std``^2)
+    (``LinearLayer``'s ``RandomNormal(stddev=0.01)``); ``None`` keeps PyTorch's default.
     """
 
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_dim: int,
+        output_dim: int,
+        num_layers: int,
+        init_std: float | None = 0.01,
+    ) -> None:
         layers: list[nn.Module] = []
         dim = input_dim
         for _ in range(num_layers - 1):
@@ -46,6 +54,10 @@ class SimCLRProjectionHead(nn.Sequential):
         last_bn.bias.requires_grad = False
         layers += [nn.Linear(dim, output_dim, bias=False), last_bn]
         super().__init__(*layers)
+        if init_std is not None:
+            for layer in self:
+                if isinstance(layer, nn.Linear):
+                    nn.init.normal_(layer.weight, std=init_std)
 
 
 def nt_xent_loss(
@@ -92,6 +104,8 @@ class SimCLR(SSLMethod):
         num_proj_layers: layers of the projection head (3 in v2, 2 in v1).
         proj_hidden_dim: width of hidden head layers; ``None`` uses the backbone's width.
         proj_out_dim: projection output dimension.
+        proj_init_std: standard deviation of the head's initial Linear weights (0.01 officially;
+            None: PyTorch's default).
         crop_min_scale: smallest random-resized-crop area fraction.
         color_jitter_strength: colour distortion strength s: jitter (0.8s, 0.8s, 0.8s, 0.2s).
         color_jitter_prob: probability of colour jitter (applied in random order).
@@ -101,7 +115,9 @@ class SimCLR(SSLMethod):
         hflip_prob: probability of a horizontal flip.
         sync_batchnorm: synchronise BatchNorm across devices (``global_bn``).
         backbone: see :class:`SSLMethod`; the same for the remaining arguments.
-        backbone_kwargs: backbone constructor arguments.
+        backbone_kwargs: backbone constructor arguments (``zero_init_residual: true`` for
+            torchvision ResNets, as officially: tf2/resnet.py zero-initialises the last
+            BN of each block).
         cifar_stem: 3x3 stride-1 ResNet stem for 32x32 images.
         optimizer: ``lars`` officially.
         lr: 0.3 per 256 images with linear scaling (or 0.075 with ``sqrt`` scaling).
@@ -123,6 +139,7 @@ class SimCLR(SSLMethod):
         num_proj_layers: int = 3,
         proj_hidden_dim: int | None = None,
         proj_out_dim: int = 128,
+        proj_init_std: float | None = 0.01,
         crop_min_scale: float = 0.08,
         color_jitter_strength: float = 1.0,
         color_jitter_prob: float = 0.8,
@@ -148,7 +165,7 @@ class SimCLR(SSLMethod):
         super().__init__(**init_arguments(SSLMethod, locals()))
         dim = self.backbone.num_features
         self.projection_head = SimCLRProjectionHead(
-            dim, proj_hidden_dim or dim, proj_out_dim, num_proj_layers
+            dim, proj_hidden_dim or dim, proj_out_dim, num_proj_layers, proj_init_std
         )
 
     def view_recipe(self, image_size: int) -> dict[str, Any]:
