@@ -244,6 +244,18 @@ def test_only_the_student_sees_masks() -> None:
     assert seen["student"][1].shape == (8, 32)  # local crops: [CLS] features only
 
 
+@pytest.mark.parametrize("mim", [True, False])
+def test_every_trainable_parameter_gets_a_gradient(mim: bool) -> None:
+    """What DDP without ``find_unused_parameters`` needs: with masked image modelling off
+    there is no mask token (the official model builds none)."""
+    model = tiny_ibot(use_masked_im_modeling=mim)
+    model.log_dict = lambda d, **kw: None  # type: ignore[method-assign]
+    model.training_step(fake_batch(masked=True), 0)["loss"].backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert unused == []
+    assert ("masked_embed" in dict(model.named_parameters())) is mim
+
+
 def test_pred_start_epoch_empties_the_masks_before_it() -> None:
     model = tiny_ibot(pred_start_epoch=5)
     metrics = {}

@@ -3,7 +3,8 @@
 DINO's self-distillation on the [CLS] token plus masked image modelling on the patch tokens,
 with the teacher as the online tokenizer::
 
-    u, v = global crops; m_u, m_v = block masks (about half of the images get none)
+    u, v = global crops; m_u, m_v = block masks (about 30% of each crop's patches by default;
+                                   the README's pred_ratio (0, 0.3) leaves half the images unmasked)
     s_u = gs(u with masked patches -> e_mask), s_v = gs(v with masked patches -> e_mask)
     t_u, t_v = gt(u), gt(v)                      # the teacher sees unmasked crops
     s_l = [gs(local) for local in local crops]   # [CLS] only, never masked
@@ -506,7 +507,12 @@ class IBOT(DINO):
                 f"= out_dim ({out_dim}) or shared_head and shared_head_teacher to false"
             )
         super().__init__(**init_arguments(DINO, locals(), use_bn_in_head=False, cifar_stem=False))
-        self.masked_embed = nn.Parameter(torch.zeros(1, self.backbone.num_features))
+        # only with masked image modelling: a parameter without gradient stops DDP
+        self.masked_embed = (
+            nn.Parameter(torch.zeros(1, self.backbone.num_features))
+            if use_masked_im_modeling
+            else None
+        )
         self.mask_generator = IBOTMaskGenerator(
             pred_ratio, pred_ratio_var, pred_shape, pred_aspect_ratio
         )
