@@ -11,6 +11,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from lightly.models.modules.heads import DINOProjectionHead
 from PIL import Image
 from torch import nn
@@ -210,6 +211,47 @@ def test_vit_backbone_kwargs_only_touch_timm_vits() -> None:
         vit_backbone_kwargs("vit_small_patch16_224", {"drop_path_rate": 0.0}, 0.1)["drop_path_rate"]
         == 0.0
     )
+
+
+def test_local_crops_get_dinos_position_embedding_interpolation() -> None:
+    """main_dino's ``interpolate_pos_encoding``, written out: the 4x4 grid of patch position
+    embeddings resized by bicubic interpolation with scale (n + 0.1) / 4, no antialiasing
+    (timm's own resampling antialiases, which smooths a shrunk grid); the [CLS] embedding kept.
+    Global crops use the embeddings as they are. Student and teacher both."""
+    model = tiny_dino()
+    for vit in (model.backbone.model, model.teacher_backbone.model):
+        vit.eval()
+        with torch.no_grad():
+            vit.pos_embed.normal_()
+        seen: list[torch.Tensor] = []
+        vit.blocks.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(a[0]))
+        for size in (16, 8):
+            image = torch.randn(1, 3, size, size)
+            vit(image)
+            n = size // 4
+            patches = vit.pos_embed[:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
+            if n != 4:
+                patches = F.interpolate(patches, scale_factor=((n + 0.1) / 4,) * 2, mode="bicubic")
+            expected_pos = torch.cat(
+                [vit.pos_embed[:, :1], patches.permute(0, 2, 3, 1).reshape(1, n * n, 32)], dim=1
+            )
+            tokens = vit.patch_embed(image).reshape(1, n * n, 32)
+            expected = torch.cat([vit.cls_token, tokens], dim=1) + expected_pos
+            torch.testing.assert_close(seen[-1], expected)
+        timm_like = F.interpolate(
+            vit.pos_embed[:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2),
+            size=(2, 2), mode="bicubic", antialias=True,
+        )  # fmt: skip
+        assert not torch.allclose(patches, timm_like, atol=1e-3)
+
+
+def test_cls_token_starts_from_dinos_truncated_normal() -> None:
+    """DINO and iBOT: ``trunc_normal_(cls_token, std=0.02)``; timm draws N(0, 1e-6^2)."""
+    torch.manual_seed(0)
+    model = tiny_dino(backbone_kwargs=dict(TINY_VIT["backbone_kwargs"], embed_dim=512))
+    cls = model.backbone.model.cls_token
+    assert float(cls.detach().std()) == pytest.approx(0.02, rel=0.15)  # (truncated at +-2, far out)
+    assert torch.equal(model.teacher_backbone.model.cls_token, cls)
 
 
 # ------------------------------------------------------------------------------------ views

@@ -45,6 +45,7 @@ from sslzoo.methods.base import (
     frozen_copy,
     init_arguments,
 )
+from sslzoo.methods.dino_vit import dino_vit_setup
 from sslzoo.methods.lars import TrustRatio
 from sslzoo.methods.optim import OptimizerName
 from sslzoo.methods.schedules import linear_warmup
@@ -329,7 +330,8 @@ class DINO(SSLMethod):
         clip_grad: clip each parameter's gradient norm to this (per tensor); 0 disables.
         freeze_last_layer: epochs during which the head's last layer gets no gradient.
         drop_path_rate: stochastic depth of the student ViT (timm ViTs only; the teacher has
-            none). timm ViTs also get ``dynamic_img_size`` so local crops can be smaller.
+            none). timm ViTs also get ``dynamic_img_size`` so local crops can be smaller, with
+            DINO's position-embedding interpolation and [CLS] init (:mod:`dino_vit`).
         global_crops_scale: area range of the 2 global crops.
         local_crops_number: number of local crops (0 disables multi-crop).
         local_crops_scale: area range of the local crops.
@@ -357,6 +359,8 @@ class DINO(SSLMethod):
         lars_trust_coefficient: LARS eta.
         lars_trust_ratio: ``update``: eta ||w|| / ||g + wd w|| (DINO's ``utils.LARS``).
         lars_lr_in_momentum: False: momentum first, then the learning rate.
+        exclude_bias_and_norm: no weight decay on biases and 1-D parameters (the official
+            ``get_params_groups``).
         sync_batchnorm: convert BatchNorm (if any) to SyncBatchNorm on several devices.
     """
 
@@ -403,6 +407,7 @@ class DINO(SSLMethod):
         lars_trust_coefficient: float = 1e-3,
         lars_trust_ratio: TrustRatio = "update",
         lars_lr_in_momentum: bool = False,
+        exclude_bias_and_norm: bool = True,
         sync_batchnorm: bool = True,
     ) -> None:
         super().__init__(
@@ -412,6 +417,7 @@ class DINO(SSLMethod):
                 backbone_kwargs=vit_backbone_kwargs(backbone, backbone_kwargs, drop_path_rate),
             )
         )
+        dino_vit_setup(self.backbone.model)
         self.head = self.build_head()
         self.teacher_backbone = disable_drop_path(frozen_copy(self.backbone))
         self.teacher_head = self.build_teacher_head()
