@@ -107,3 +107,15 @@ def test_imagenet_configs_train_with_the_official_global_batch(name: str) -> Non
     devices = 8 if trainer.get("devices", "auto") == "auto" else int(trainer["devices"])
     batch = config["data"]["init_args"]["batch_size"] * devices * trainer.get("num_nodes", 1)
     assert batch * trainer.get("accumulate_grad_batches", 1) == OFFICIAL_IMAGENET_BATCH[name]
+
+
+@pytest.mark.parametrize("name", ["simclr", "byol", "simsiam", "swav", "dino_resnet"])
+def test_lightly_protocol_configs_decay_every_parameter(name: str, labeled_folder: Path) -> None:
+    """lightly's CIFAR-10 benchmark builds ``SGD(params, weight_decay=5e-4)`` over every
+    parameter, biases and norms too; the configs that follow it do the same."""
+    config = REPO / "configs" / "cifar10" / f"{name}.yaml"
+    cli = SSLZooCLI(args=["--config", str(config), "--data.root", str(labeled_folder)], run=False)
+    groups = cli.model.parameter_groups()
+    assert all(g["weight_decay"] > 0 for g in groups if g["params"])
+    trainable = [p for p in cli.model.parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in groups) == len(trainable)

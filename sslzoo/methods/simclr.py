@@ -130,6 +130,8 @@ class SimCLR(SSLMethod):
         lars_trust_ratio: ``update``: eta ||w|| / ||g + wd w|| (``lars_optimizer.py``).
         lars_lr_in_momentum: SimCLR's ``classic_momentum``: the learning rate enters the momentum
             buffer.
+        exclude_bias_and_norm: no weight decay and no LARS adaptation for biases and BN
+            (``exclude_from_weight_decay``).
     """
 
     def __init__(
@@ -161,6 +163,7 @@ class SimCLR(SSLMethod):
         lars_trust_coefficient: float = 1e-3,
         lars_trust_ratio: TrustRatio = "update",
         lars_lr_in_momentum: bool = True,
+        exclude_bias_and_norm: bool = True,
     ) -> None:
         super().__init__(**init_arguments(SSLMethod, locals()))
         dim = self.backbone.num_features
