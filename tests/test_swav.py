@@ -5,6 +5,7 @@ queue in the checkpoint, and a few steps that lower the loss without collapse.""
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -317,6 +318,21 @@ def test_freeze_queue_normalisation_and_checkpoint(tmp_path: Path, monkeypatch) 
     assert fresh.queue is None
     fresh.on_load_checkpoint(torch.load(path, weights_only=False))
     assert torch.equal(fresh.queue, model.queue.cpu())
+
+
+def test_recipe_absolute_lrs_warn_at_another_batch() -> None:
+    """start_warmup_lr 0.3 and min_lr 0.0048 are main_swav's values for batch 4096, not scaled
+    with the batch: a run at batch 32 that keeps them is told; one that sets them is not."""
+    for kwargs, warned in (({}, True), ({"start_warmup_lr": 0.0, "min_lr": 0.0}, False)):
+        model = SwAV(**SMALL, optimizer="sgd", **kwargs)
+        trainer = quiet_trainer(max_steps=1, limit_val_batches=0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(model, datamodule=digits(batch_size=32))
+        hits = [str(w.message) for w in caught if "batch-4096" in str(w.message)]
+        assert bool(hits) is warned, hits
+        if warned:
+            assert "start_warmup_lr and min_lr" in hits[0] and "global batch is 32" in hits[0]
 
 
 def test_no_queue_before_its_epoch_or_when_disabled() -> None:

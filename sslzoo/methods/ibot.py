@@ -379,6 +379,12 @@ class IBOT(DINO):
     ``pred_ratio`` (0, 0.3) and ``pred_ratio_var`` (0, 0.2); see ``configs/imagenet/ibot.yaml``.
     Needs a timm ViT backbone. Evaluation uses the teacher backbone.
 
+    Fixed at the official defaults: 2 global crops (``--global_crops_number``), GELU and no
+    norm in the head (``--act_in_head``, ``--norm_in_head``). One deliberate difference: with
+    ``shared_head`` and not ``shared_head_teacher``, the teacher's patch last layer follows the
+    student's shared last layer by EMA; main_ibot.py updates only parameters whose names match,
+    so there it keeps its initial weights.
+
     Args:
         patch_out_dim: patch head output dimension (must equal ``out_dim`` when the student or
             the teacher shares its head).

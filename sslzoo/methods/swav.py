@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from lightly.transforms import SwaVTransform
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from sslzoo.augment.views import swav_views
@@ -162,10 +163,11 @@ class SwAV(SSLMethod):
     full (the official test of its last row).
 
     Optimiser: the official code wraps SGD in LARC (trust 0.001, no clipping) over all
-    parameters with weight decay 1e-6, biases and BN included; LARS (lightly's update,
-    :mod:`sslzoo.methods.lars`) with one decayed group is the same update
-    (``exclude_bias_and_norm=False``). ``min_lr`` and
-    ``start_warmup_lr`` are absolute, like ``final_lr`` and ``start_warmup`` in main_swav.py.
+    parameters with weight decay 1e-6, biases and BN included; :class:`sslzoo.methods.lars.LARS`
+    with ``trust_ratio="larc"`` and one decayed group is the same update
+    (``exclude_bias_and_norm=False``). ``min_lr`` and ``start_warmup_lr`` are absolute, like
+    ``final_lr`` and ``start_warmup`` in main_swav.py: the defaults are the batch-4096 recipe's,
+    and a run at another batch with them gets a warning at the start of training.
 
     Args:
         nmb_crops: number of crops of each size (2 global, 6 small).
@@ -394,6 +396,19 @@ class SwAV(SSLMethod):
             self.queue = merged.tensor_split(world, dim=1)[rank].clone()
 
     # ----------------------------------------------------------------- training
+    def on_train_start(self) -> None:
+        """Warn when the absolute warmup-start and final learning rates of the batch-4096
+        recipe meet another batch, whose peak learning rate they no longer fit."""
+        defaults = {"start_warmup_lr": 0.3, "min_lr": 0.0048}
+        kept = [k for k, v in defaults.items() if self.hparams[k] == v]
+        if kept and self.global_batch_size != 4096:
+            rank_zero_warn(
+                f"SwAV: {' and '.join(kept)} keep the batch-4096 recipe's absolute values "
+                f"({', '.join(str(defaults[k]) for k in kept)}), but the global batch is "
+                f"{self.global_batch_size} and the peak learning rate {self.scaled_lr:g}; the "
+                "official scripts set them with the batch (e.g. min_lr = peak / 1000)"
+            )
+
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         views, labels = batch
         hp = self.hparams
