@@ -43,3 +43,44 @@ def test_linear_warmup() -> None:
     assert linear_warmup(0, 30, 0.04, 0.07) == pytest.approx(0.04)
     assert linear_warmup(15, 30, 0.04, 0.07) == pytest.approx(0.055)
     assert linear_warmup(45, 30, 0.04, 0.07) == pytest.approx(0.07)
+
+
+def official_cosine_scheduler(base, final, total, warmup, start) -> list[float]:
+    """DINO's ``utils.cosine_scheduler`` (and main_swav.py's schedule) written out: a warmup of
+    ``np.linspace(start, base, warmup)``, then ``final + (base - final)(1 + cos(pi i / n)) / 2``
+    for i in range(n), n = total - warmup."""
+    ramp = [start + (base - start) * i / max(warmup - 1, 1) for i in range(warmup)]
+    n = total - warmup
+    return ramp + [final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / n)) for i in range(n)]
+
+
+@pytest.mark.parametrize("warmup", [0, 1, 2, 7])
+def test_linspace_warmup_is_dinos_cosine_scheduler(warmup: int) -> None:
+    total, base, final, start = 40, 0.5, 1e-3, 0.1
+    expected = official_cosine_scheduler(base, final, total, warmup, start)
+    got = [warmup_cosine(s, total, warmup, base, final, start, linspace_warmup=True)
+           for s in range(total)]  # fmt: skip
+    assert got == pytest.approx(expected)
+    if warmup > 1:  # the default ramp reaches the peak one step later
+        assert warmup_cosine(warmup - 1, total, warmup, base, final, start) < base
+
+
+def test_methods_whose_official_schedule_uses_linspace_warm_up_that_way() -> None:
+    import sslzoo.methods as methods
+
+    names = ["SimCLR", "MoCoV3", "BYOL", "SimSiam", "SwAV", "DINO", "IBOT", "MAE"]
+    linspace = {name for name in names if getattr(methods, name).linspace_warmup}
+    assert linspace == {"DINO", "IBOT", "SwAV"}
+    from unittest import mock
+
+    from tests.conftest import SMALL_SWAV, TINY_RESNET
+
+    for model, peak_step in (
+        (methods.SwAV(**SMALL_SWAV, warmup_epochs=0.5, start_warmup_lr=0.0), 4),
+        (methods.SimCLR(**TINY_RESNET, warmup_epochs=0.5, sync_batchnorm=False), 5),
+    ):
+        model._steps_per_epoch = 10  # a 5-step warmup
+        cls = type(model)
+        with mock.patch.object(cls, "total_steps", 100), mock.patch.object(cls, "scaled_lr", 1.0):
+            assert model.learning_rate_at(peak_step) == pytest.approx(1.0)
+            assert model.learning_rate_at(peak_step - 1) < 1.0

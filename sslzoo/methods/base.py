@@ -112,6 +112,9 @@ class SSLMethod(L.LightningModule):
             devices.
     """
 
+    # the warmup's ramp reaches the peak at its last step (np.linspace) rather than the next
+    linspace_warmup: bool = False
+
     def __init__(
         self,
         backbone: str = "resnet18",
@@ -387,7 +390,13 @@ class SSLMethod(L.LightningModule):
         st = self.settings
         warmup = round(st.warmup_epochs * self.steps_per_epoch)
         return warmup_cosine(
-            step, self.total_steps, warmup, self.scaled_lr, st.min_lr, st.start_warmup_lr
+            step,
+            self.total_steps,
+            warmup,
+            self.scaled_lr,
+            st.min_lr,
+            st.start_warmup_lr,
+            linspace_warmup=self.linspace_warmup,
         )
 
     def weight_decay_at(self, step: int, base: float) -> float:

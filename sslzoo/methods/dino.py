@@ -364,6 +364,8 @@ class DINO(SSLMethod):
         sync_batchnorm: convert BatchNorm (if any) to SyncBatchNorm on several devices.
     """
 
+    linspace_warmup = True  # utils.cosine_scheduler warms up with np.linspace (iBOT's too)
+
     def __init__(
         self,
         out_dim: int = 65536,

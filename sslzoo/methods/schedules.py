@@ -12,15 +12,19 @@ def warmup_cosine(
     peak: float,
     final: float,
     start: float = 0.0,
+    linspace_warmup: bool = False,
 ) -> float:
     """Linear warmup from ``start`` to ``peak`` over ``warmup_steps``, then a half cosine from
-    ``peak`` down to ``final`` over the remaining steps (the DINO/MAE/SwAV schedule)::
+    ``peak`` down to ``final`` over the remaining steps::
 
-        step < W:  start + (peak - start) * step / W
+        step < W:  start + (peak - start) * step / W      (SimCLR, BYOL, MoCo v3, MAE)
+                   start + (peak - start) * step / (W - 1) with ``linspace_warmup``
+                   (``np.linspace(start, peak, W)``: DINO, iBOT, SwAV reach the peak at W - 1)
         else:      final + (peak - final) * (1 + cos(pi * (step - W) / (T - W))) / 2
     """
     if step < warmup_steps:
-        return start + (peak - start) * step / warmup_steps
+        span = max(warmup_steps - 1, 1) if linspace_warmup else warmup_steps
+        return start + (peak - start) * step / span
     decay_steps = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * progress))

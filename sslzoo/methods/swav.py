@@ -214,6 +214,8 @@ class SwAV(SSLMethod):
             (False: the official code adapts and decays every parameter).
     """
 
+    linspace_warmup = True  # main_swav.py warms up with np.linspace
+
     def __init__(
         self,
         nmb_crops: tuple[int, ...] = (2, 6),
