@@ -237,12 +237,18 @@ def lars_groups(params: dict[str, nn.Parameter], weight_decay: float = 0.05) -> 
 
 
 def lars_steps(
-    optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter], steps: int, seed: int
+    optimizer: torch.optim.Optimizer,
+    params: dict[str, nn.Parameter],
+    steps: int,
+    seed: int,
+    lrs: list[float] | None = None,
 ) -> None:
     """``steps`` steps with gradients drawn from ``seed``; ``zero_grad`` gets zeros and
-    ``no_grad`` none."""
+    ``no_grad`` none. ``lrs``: the learning rate of every group at each step."""
     g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
+    for step in range(steps):
+        for group in optimizer.param_groups if lrs else []:
+            group["lr"] = lrs[step]
         for name, p in params.items():
             grad = torch.randn(p.shape, generator=g).to(p.dtype)
             p.grad = None if name == "no_grad" else grad
@@ -342,15 +348,7 @@ def test_lars_update_trust_ratio_equals_the_official_update(
         lars_groups(ours), lr=lrs[0], momentum=0.9, trust_coefficient=0.02,
         lr_in_momentum=lr_in_momentum, foreach=foreach,
     )  # fmt: skip
-    g = torch.Generator().manual_seed(1)
-    for lr in lrs:
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for name, p in ours.items():
-            grad = torch.randn(p.shape, generator=g).to(p.dtype)
-            p.grad = None if name == "no_grad" else grad
-        ours["zero_grad"].grad.zero_()
-        optimizer.step()
+    lars_steps(optimizer, ours, len(lrs), seed=1, lrs=lrs)
     reference_lars_steps(theirs, len(lrs), seed=1, lrs=lrs, classic=lr_in_momentum)
     assert_same_params(ours, theirs)
     other = lars_params()

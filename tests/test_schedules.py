@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 
+import sslzoo.methods as methods
 from sslzoo.methods.schedules import cosine_to_one, linear_warmup, warmup_cosine
+from tests.conftest import SMALL_SWAV, TINY_RESNET
 
 
 def test_cosine_to_one_at_start_middle_end() -> None:
@@ -66,15 +69,9 @@ def test_linspace_warmup_is_dinos_cosine_scheduler(warmup: int) -> None:
 
 
 def test_methods_whose_official_schedule_uses_linspace_warm_up_that_way() -> None:
-    import sslzoo.methods as methods
-
     names = ["SimCLR", "MoCoV3", "BYOL", "SimSiam", "SwAV", "DINO", "IBOT", "MAE"]
     linspace = {name for name in names if getattr(methods, name).linspace_warmup}
     assert linspace == {"DINO", "IBOT", "SwAV"}
-    from unittest import mock
-
-    from tests.conftest import SMALL_SWAV, TINY_RESNET
-
     for model, peak_step in (
         (methods.SwAV(**SMALL_SWAV, warmup_epochs=0.5, start_warmup_lr=0.0), 4),
         (methods.SimCLR(**TINY_RESNET, warmup_epochs=0.5, sync_batchnorm=False), 5),
