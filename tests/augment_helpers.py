@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from sslzoo.augment import DeviceViews, ViewRecipe
-from sslzoo.augment.params import jitter_ranges
+from sslzoo.augment.tf_color import color_ranges
 from tests.conftest import CIFAR_ARCHIVE
 
 # Ops run in float32 and sum at most a few dozen terms per output pixel, so results equal
@@ -53,9 +53,9 @@ def torchvision_steps(transform) -> list:  # noqa: ANN001
 
 def lightly_recipe(view) -> dict:  # noqa: ANN001
     """The parameters of one view of a lightly transform, read from its torchvision steps."""
-    out: dict = {"blur_prob": 0.0, "blur_sigma": None, "solarize_prob": 0.0,
+    out: dict = {"blur_prob": 0.0, "blur_sigma": None, "blur_kernel": None, "solarize_prob": 0.0,
                  "jitter": [(1.0, 1.0)] * 3 + [(0.0, 0.0)], "jitter_prob": 0.0,
-                 "grayscale_prob": 0.0}  # fmt: skip
+                 "grayscale_prob": 0.0, "color_ops": "torchvision"}  # fmt: skip
     for step in torchvision_steps(view):
         name = type(step).__name__
         if name == "RandomResizedCrop":
@@ -69,10 +69,17 @@ def lightly_recipe(view) -> dict:  # noqa: ANN001
             defaults = [(1.0, 1.0)] * 3 + [(0.0, 0.0)]  # None: that op is off
             out["jitter"] = [tuple(r) if r else d for r, d in zip(ranges, defaults, strict=True)]
             out["jitter_prob"] = step.p
+        elif name == "TensorColorJitter":
+            out["jitter"] = color_ranges(step.color_ops, *step.jitter)
+            out.update(jitter_prob=step.prob, color_ops=step.color_ops)
         elif name == "RandomGrayscale":
             out["grayscale_prob"] = step.p
-        elif name == "GaussianBlur":
+        elif name == "GaussianBlur":  # lightly's PIL blur: support 2 ceil(3 sigma) + 1, reflect
             out.update(blur_prob=step.prob, blur_sigma=tuple(float(s) for s in step.sigmas))
+            out["blur_kernel"] = (None, "reflect") if step.prob > 0 else None
+        elif name == "KernelGaussianBlur":
+            out.update(blur_prob=step.prob, blur_sigma=step.sigmas)
+            out["blur_kernel"] = (step.kernel_size, step.padding) if step.prob > 0 else None
         elif name == "RandomSolarization":
             out["solarize_prob"] = step.prob
         elif name == "Normalize":
@@ -90,11 +97,14 @@ def device_recipe(recipe: ViewRecipe) -> dict:
         "size": recipe.out_size, "scale": recipe.scale, "ratio": recipe.ratio,
         "interpolation": recipe.interpolation,
         "hflip_prob": recipe.hflip_prob,
-        "jitter": jitter_ranges(*recipe.jitter) if recipe.jitter_prob > 0 else
-        [(1.0, 1.0)] * 3 + [(0.0, 0.0)],
+        "jitter": color_ranges(recipe.color_ops, *recipe.jitter) if recipe.jitter_prob > 0
+        else [(1.0, 1.0)] * 3 + [(0.0, 0.0)],
+        "color_ops": recipe.color_ops,
         "jitter_prob": recipe.jitter_prob, "grayscale_prob": recipe.grayscale_prob,
         "blur_prob": recipe.blur_prob, "solarize_prob": recipe.solarize_prob,
         "blur_sigma": recipe.blur_sigma if recipe.blur_prob > 0 else None,
+        "blur_kernel": (recipe.blur_kernel_size, recipe.blur_padding)
+        if recipe.blur_prob > 0 else None,
         "mean": recipe.mean, "std": recipe.std,
     }  # fmt: skip
 
@@ -104,7 +114,7 @@ def assert_same_recipe(recipe: ViewRecipe, view) -> None:  # noqa: ANN001
     ours, theirs = device_recipe(recipe), lightly_recipe(view)
     assert ours.keys() == theirs.keys()
     for key, value in ours.items():
-        if value is None or isinstance(value, str):
+        if value is None or isinstance(value, str) or key == "blur_kernel":
             assert value == theirs[key], key
         else:
             expected = np.array(theirs[key], dtype=float)

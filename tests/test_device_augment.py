@@ -374,8 +374,13 @@ def test_simclr_trains_on_device_views(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_device_views_never_sync_with_the_host() -> None:
-    views = byol_views(32, MEAN, STD).cuda()
+@pytest.mark.parametrize("official", [False, True], ids=["lightly", "official"])
+def test_device_views_never_sync_with_the_host(official: bool) -> None:
+    if official:  # bicubic crops, BYOL's colour ops, zero-padded blur
+        model = BYOL(**TINY_RESNET, projector_hidden_dim=8, predictor_hidden_dim=8)
+        views = model.device_view_transform(32, MEAN, STD).cuda()
+    else:
+        views = byol_views(32, MEAN, STD).cuda()
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device="cuda")
     views(images)  # warm-up
     torch.cuda.synchronize()

@@ -4,7 +4,8 @@ Every function takes float images of shape (N, C, H, W) in [0, 1] and one parame
 (a tensor of shape (N,)), and matches the torchvision functional op of the same name applied to
 each image with its own parameter: ``resized_crop`` (bilinear or bicubic, antialiased) and
 ``horizontal_flip``, ``adjust_brightness``, ``adjust_contrast``, ``adjust_saturation``,
-``adjust_hue``, ``rgb_to_grayscale``, ``gaussian_blur`` (reflect padding), ``solarize`` and
+``adjust_hue``, ``rgb_to_grayscale``, ``gaussian_blur`` (reflect padding; zero padding as
+the official SimCLR and BYOL convolutions), ``solarize`` and
 ``normalize``. Nothing reads a tensor on the host, so a pipeline of these ops never waits for
 the device.
 
@@ -28,6 +29,7 @@ def _column(values: torch.Tensor, ndim: int = 4) -> torch.Tensor:
 
 
 Interpolation = Literal["bilinear", "bicubic"]
+BlurPadding = Literal["reflect", "zeros"]
 
 
 def resampling_filter(x: torch.Tensor, interpolation: Interpolation) -> torch.Tensor:
@@ -166,26 +168,41 @@ def gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
     return pdf / pdf.sum(-1, keepdim=True)
 
 
-def blur_matrices(kernels: torch.Tensor, size: int) -> torch.Tensor:
-    """Matrices (N, size, size) applying each 1-D kernel along a line with reflect padding."""
+def blur_matrices(
+    kernels: torch.Tensor, size: int, padding: BlurPadding = "reflect"
+) -> torch.Tensor:
+    """Matrices (N, size, size) applying each 1-D kernel along a line of ``size`` pixels.
+
+    ``reflect`` pads as torchvision's ``gaussian_blur``; ``zeros`` pads with zeros, as a SAME
+    convolution (tf.nn.depthwise_conv2d in the official SimCLR and BYOL code) does, so pixels
+    near the border lose the kernel mass that falls outside the image and darken.
+    """
     n, k = kernels.shape
     radius = k // 2
-    if radius >= size:
+    if padding == "reflect" and radius >= size:
         raise ValueError(f"blur kernel of size {k} is too large for reflect padding of {size} px")
     pos = torch.arange(size, device=kernels.device)[:, None] + torch.arange(
         -radius, radius + 1, device=kernels.device
     )
-    pos = pos.abs()  # reflect at the start: -i -> i
-    pos = torch.where(pos > size - 1, 2 * (size - 1) - pos, pos)  # and at the end
+    weights = kernels[:, None, :].expand(n, size, k)
+    if padding == "zeros":
+        inside = (pos >= 0) & (pos < size)
+        weights = weights * inside
+        pos = pos.clamp(0, size - 1)  # the dropped taps add zero there
+    else:
+        pos = pos.abs()  # reflect at the start: -i -> i
+        pos = torch.where(pos > size - 1, 2 * (size - 1) - pos, pos)  # and at the end
     out = torch.zeros(n, size, size, device=kernels.device, dtype=kernels.dtype)
-    return out.scatter_add_(2, pos.expand(n, -1, -1), kernels[:, None, :].expand(n, size, k))
+    return out.scatter_add_(2, pos.expand(n, -1, -1), weights)
 
 
-def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Separable Gaussian blur with a per-sample ``sigma`` and reflect padding."""
+def gaussian_blur(
+    images: torch.Tensor, sigma: torch.Tensor, kernel_size: int, padding: BlurPadding = "reflect"
+) -> torch.Tensor:
+    """Separable Gaussian blur with a per-sample ``sigma``."""
     kernels = gaussian_kernels(sigma, kernel_size)
-    rows = blur_matrices(kernels, images.shape[-2])
-    cols = blur_matrices(kernels, images.shape[-1])
+    rows = blur_matrices(kernels, images.shape[-2], padding)
+    cols = blur_matrices(kernels, images.shape[-1], padding)
     return rows[:, None] @ images @ cols.transpose(1, 2)[:, None]
 
 

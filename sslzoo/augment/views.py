@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from sslzoo.augment import ops
-from sslzoo.augment.params import bernoulli, crop_boxes, jitter_params, jitter_ranges, uniform
+from sslzoo.augment.params import bernoulli, crop_boxes, jitter_params, uniform
+from sslzoo.augment.tf_color import ColorOps, color_ranges, tf_color_jitter
 
 PIL_SOLARIZE_THRESHOLD = 128 / 255  # PIL's ImageOps.solarize inverts uint8 values >= 128
 
@@ -40,12 +41,16 @@ class ViewRecipe:
             PIL's); bicubic results are clamped to [0, 1], as PIL's uint8 output is.
         hflip_prob: probability of a horizontal flip.
         jitter: colour jitter strengths (brightness, contrast, saturation, hue).
+        color_ops: the form of the jitter ops: ``torchvision`` (blends), or the official
+            ``simclr`` or ``byol`` TensorFlow forms (:mod:`sslzoo.augment.tf_color`).
         jitter_prob: probability of colour jitter.
         grayscale_prob: probability of grayscale.
         blur_prob: probability of Gaussian blur.
         blur_sigma: range of the blur sigma (uniform).
         blur_kernel_size: odd blur kernel side; ``None``: 2 ceil(3 sigma_max) + 1, the support
-            of PIL's blur used by lightly, capped so reflect padding fits the image.
+            of PIL's blur used by lightly. With reflect padding it is capped to fit the image.
+        blur_padding: ``reflect`` (torchvision's) or ``zeros`` (the official SimCLR and BYOL
+            SAME convolution).
         solarize_prob: probability of solarisation.
         solarize_threshold: pixels at or above it are inverted (PIL's 128 of 255 by default).
         mean: per-channel normalisation mean.
@@ -58,11 +63,13 @@ class ViewRecipe:
     interpolation: ops.Interpolation = "bilinear"
     hflip_prob: float = 0.5
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    color_ops: ColorOps = "torchvision"
     jitter_prob: float = 0.8
     grayscale_prob: float = 0.2
     blur_prob: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     blur_kernel_size: int | None = None
+    blur_padding: ops.BlurPadding = "reflect"
     solarize_prob: float = 0.0
     solarize_threshold: float = PIL_SOLARIZE_THRESHOLD
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
@@ -75,7 +82,7 @@ class ViewRecipe:
     def kernel_size(self, height: int, width: int) -> int:
         """The blur kernel side for images of this size."""
         k = self.blur_kernel_size or 2 * math.ceil(3 * self.blur_sigma[1]) + 1
-        return min(k, 2 * min(height, width) - 1)
+        return k if self.blur_padding == "zeros" else min(k, 2 * min(height, width) - 1)
 
 
 class DeviceViews(nn.Module):
@@ -93,7 +100,7 @@ class DeviceViews(nn.Module):
         # [start, end) of each run of consecutive identical recipes (DINO's local crops)
         bounds = [i for i in range(len(self.recipes)) if i == 0 or recipes[i] != recipes[i - 1]]
         self.runs = tuple(zip(bounds, [*bounds[1:], len(self.recipes)], strict=True))
-        ranges = [jitter_ranges(*r.jitter) for r in self.recipes]
+        ranges = [color_ranges(r.color_ops, *r.jitter) for r in self.recipes]
         low = torch.tensor([[lo for lo, _ in rs] for rs in ranges])
         high = torch.tensor([[hi for _, hi in rs] for rs in ranges])
         # on the device with the module, so no step copies parameters from the host
@@ -160,13 +167,17 @@ class DeviceViews(nn.Module):
             factors, order = jitter_params(
                 n, self.jitter_low[index], self.jitter_high[index], generator
             )
-            v = ops.color_jitter(v, factors, order, apply, use_hue=r.jitter[3] > 0)
+            if r.color_ops == "torchvision":
+                v = ops.color_jitter(v, factors, order, apply, use_hue=r.jitter[3] > 0)
+            else:
+                v = tf_color_jitter(v, factors, order, apply, r.color_ops, r.jitter[3] > 0)
         if r.grayscale_prob > 0:
             v = ops.grayscale(v, bernoulli(n, r.grayscale_prob, dev, generator))
         if r.blur_prob > 0:
             apply = bernoulli(n, r.blur_prob, dev, generator)
             sigma = uniform(n, r.blur_sigma[0], r.blur_sigma[1], dev, generator)
-            blurred = ops.gaussian_blur(v, sigma, r.kernel_size(*v.shape[-2:]))
+            kernel_size = r.kernel_size(*v.shape[-2:])
+            blurred = ops.gaussian_blur(v, sigma, kernel_size, r.blur_padding)
             v = torch.where(apply[:, None, None, None], blurred, v)
         if r.solarize_prob > 0:
             apply = bernoulli(n, r.solarize_prob, dev, generator)
@@ -199,12 +210,18 @@ def _lightly_view(
     solarization_prob: float = 0.0,
     max_scale: float = 1.0,
     interpolation: ops.Interpolation = "bilinear",
+    blur_kernel_size: int | None = None,
+    blur_padding: ops.BlurPadding = "reflect",
+    color_ops: ColorOps = "torchvision",
 ) -> ViewRecipe:
     """One view of lightly's recipes: jitter strengths are ``cj_strength x jitter``."""
     return ViewRecipe(
         size=input_size,
         scale=(min_scale, max_scale),
         interpolation=interpolation,
+        blur_kernel_size=blur_kernel_size,
+        blur_padding=blur_padding,
+        color_ops=color_ops,
         hflip_prob=hf_prob,
         jitter=tuple(cj_strength * j for j in jitter),
         jitter_prob=cj_prob,
@@ -232,11 +249,13 @@ def simclr_views(
     gaussian_blur: float = 0.5,
     sigmas: tuple[float, float] = (0.1, 2.0),
     hf_prob: float = 0.5,
+    **official: Any,
 ) -> DeviceViews:
-    """Two views as lightly's ``SimCLRTransform``."""
+    """Two views as lightly's ``SimCLRTransform``; ``official`` may set the recipe's
+    ``interpolation``, ``blur_kernel_size``, ``blur_padding`` and ``color_ops``."""
     view = _lightly_view(
         input_size, mean, std, cj_prob, cj_strength, (cj_bright, cj_contrast, cj_sat, cj_hue),
-        min_scale, random_gray_scale, gaussian_blur, sigmas, hf_prob,
+        min_scale, random_gray_scale, gaussian_blur, sigmas, hf_prob, **official,
     )  # fmt: skip
     return DeviceViews([view, view])
 
@@ -257,10 +276,13 @@ def byol_views(
     solarization_prob: tuple[float, float] = (0.0, 0.2),
     sigmas: tuple[float, float] = (0.1, 2.0),
     hf_prob: float = 0.5,
+    **official: Any,
 ) -> DeviceViews:
     """The asymmetric pair of lightly's ``BYOLView1Transform`` and ``BYOLView2Transform``
-    (blur 1.0 / 0.1, solarisation 0 / 0.2); MoCo v3 uses it with its own jitter."""
+    (blur 1.0 / 0.1, solarisation 0 / 0.2); MoCo v3 uses it with its own jitter.
+    ``official`` as for :func:`simclr_views`."""
     common = dict(
+        **official,
         input_size=input_size,
         mean=mean,
         std=std,

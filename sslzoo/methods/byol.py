@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sslzoo.augment.ops import BlurPadding, Interpolation
+from sslzoo.augment.tf_color import ColorOps
+from sslzoo.augment.tf_recipe import TFRecipe
 from sslzoo.methods.base import LRScaling, SSLMethod, frozen_copy, init_arguments
 from sslzoo.methods.byol_views import BYOLPairViews
 from sslzoo.methods.lars import TrustRatio
@@ -51,14 +54,18 @@ class BYOL(BYOLPairViews, SSLMethod):
         predictor_hidden_dim: predictor MLP hidden width.
         ema_momentum: base EMA momentum tau_base; rises to 1 on a cosine over the run.
         crop_min_scale: smallest random-resized-crop area fraction.
-        color_jitter: colour jitter (brightness, contrast, saturation, hue), as torchvision's
-            ``ColorJitter`` (the official TF ops differ in form: additive brightness,
-            contrast around each channel's mean).
+        crop_interpolation: resizing of the crop (``bicubic``: ``dataset.py``).
+        color_jitter: colour jitter strengths (brightness, contrast, saturation, hue).
         color_jitter_prob: probability of colour jitter, applied in random order.
+        color_ops: ``byol``: the official ops (additive brightness, contrast around each
+            channel's mean, saturation in HSV); ``torchvision``: lightly's ``ColorJitter``.
         grayscale_prob: probability of grayscale.
         blur_prob: Gaussian blur probability of (view 1, view 2).
         solarize_prob: solarisation probability of (view 1, view 2).
         blur_sigma: range of the blur sigma.
+        blur_kernel_fraction: blur kernel side as a fraction of the image side
+            (``blur_divider=10`` officially); ``None``: PIL's blur as in lightly's BYOL views.
+        blur_padding: ``zeros``: the official SAME convolution; ``reflect``: torchvision's.
         hflip_prob: probability of a horizontal flip.
         sync_batchnorm: synchronise BatchNorm across devices (``cross_replica_axis``).
         backbone: backbone name (see :class:`SSLMethod`).
@@ -87,12 +94,16 @@ class BYOL(BYOLPairViews, SSLMethod):
         predictor_hidden_dim: int = 4096,
         ema_momentum: float = 0.996,
         crop_min_scale: float = 0.08,
+        crop_interpolation: Interpolation = "bicubic",
         color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
         color_jitter_prob: float = 0.8,
+        color_ops: ColorOps = "byol",
         grayscale_prob: float = 0.2,
         blur_prob: tuple[float, float] = (1.0, 0.1),
         solarize_prob: tuple[float, float] = (0.0, 0.2),
         blur_sigma: tuple[float, float] = (0.1, 2.0),
+        blur_kernel_fraction: float | None = 0.1,
+        blur_padding: BlurPadding = "zeros",
         hflip_prob: float = 0.5,
         sync_batchnorm: bool = True,
         backbone: str = "resnet50",
@@ -123,6 +134,13 @@ class BYOL(BYOLPairViews, SSLMethod):
 
     def teacher_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.target_backbone), (self.projector, self.target_projector)]
+
+    def tf_recipe(self) -> TFRecipe:
+        """The crop resizing, colour ops and blur kernel of the views."""
+        hp = self.hparams
+        return TFRecipe(
+            hp.crop_interpolation, hp.blur_kernel_fraction, hp.blur_padding, hp.color_ops
+        )
 
     def view_recipe(self, image_size: int) -> dict[str, Any]:
         """The settings both views share, in lightly's ``BYOLView1Transform`` keywords."""

@@ -18,6 +18,9 @@ from lightly.transforms import SimCLRTransform
 from lightly.utils.dist import gather
 from torch import nn
 
+from sslzoo.augment.ops import BlurPadding, Interpolation
+from sslzoo.augment.tf_color import ColorOps
+from sslzoo.augment.tf_recipe import TFRecipe
 from sslzoo.augment.views import simclr_views
 from sslzoo.methods.base import LRScaling, SSLMethod, ViewTransform, init_arguments
 from sslzoo.methods.lars import TrustRatio
@@ -107,11 +110,17 @@ class SimCLR(SSLMethod):
         proj_init_std: standard deviation of the head's initial Linear weights (0.01 officially;
             None: PyTorch's default).
         crop_min_scale: smallest random-resized-crop area fraction.
+        crop_interpolation: resizing of the crop (``bicubic``: ``crop_and_resize``).
         color_jitter_strength: colour distortion strength s: jitter (0.8s, 0.8s, 0.8s, 0.2s).
         color_jitter_prob: probability of colour jitter (applied in random order).
+        color_ops: ``simclr``: the official TensorFlow ops (contrast around each channel's
+            mean, saturation in HSV); ``torchvision``: lightly's ``ColorJitter``.
         grayscale_prob: probability of converting to grayscale.
         blur_prob: probability of Gaussian blur (0 for 32x32 images).
         blur_sigma: range of the blur sigma.
+        blur_kernel_fraction: blur kernel side as a fraction of the image side (``height // 10``
+            officially); ``None``: PIL's blur as in lightly's ``SimCLRTransform``.
+        blur_padding: ``zeros``: the official SAME convolution; ``reflect``: torchvision's.
         hflip_prob: probability of a horizontal flip.
         sync_batchnorm: synchronise BatchNorm across devices (``global_bn``).
         backbone: see :class:`SSLMethod`; the same for the remaining arguments.
@@ -143,11 +152,15 @@ class SimCLR(SSLMethod):
         proj_out_dim: int = 128,
         proj_init_std: float | None = 0.01,
         crop_min_scale: float = 0.08,
+        crop_interpolation: Interpolation = "bicubic",
         color_jitter_strength: float = 1.0,
         color_jitter_prob: float = 0.8,
+        color_ops: ColorOps = "simclr",
         grayscale_prob: float = 0.2,
         blur_prob: float = 0.5,
         blur_sigma: tuple[float, float] = (0.1, 2.0),
+        blur_kernel_fraction: float | None = 0.1,
+        blur_padding: BlurPadding = "zeros",
         hflip_prob: float = 0.5,
         sync_batchnorm: bool = True,
         backbone: str = "resnet50",
@@ -185,16 +198,27 @@ class SimCLR(SSLMethod):
             hf_prob=hp.hflip_prob,
         )
 
+    def tf_recipe(self) -> TFRecipe:
+        """The crop resizing, colour ops and blur kernel of the views."""
+        hp = self.hparams
+        return TFRecipe(
+            hp.crop_interpolation, hp.blur_kernel_fraction, hp.blur_padding, hp.color_ops
+        )
+
     def view_transform(
         self, image_size: int, mean: Sequence[float], std: Sequence[float]
     ) -> ViewTransform:
         normalize = {"mean": list(mean), "std": list(std)}
-        return SimCLRTransform(normalize=normalize, **self.view_recipe(image_size))
+        transform = SimCLRTransform(normalize=normalize, **self.view_recipe(image_size))
+        for view in transform.transforms:
+            self.tf_recipe().adapt(view, image_size)
+        return transform
 
     def device_view_transform(
         self, image_size: int, mean: Sequence[float], std: Sequence[float]
     ) -> nn.Module:
-        return simclr_views(mean=mean, std=std, **self.view_recipe(image_size))
+        settings = self.tf_recipe().device_settings(image_size)
+        return simclr_views(mean=mean, std=std, **self.view_recipe(image_size), **settings)
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         (x1, x2), labels = batch
