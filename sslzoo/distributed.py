@@ -43,6 +43,26 @@ class _AllReduceSum(torch.autograd.Function):
         return grad, None
 
 
+def consecutive_groups(group_size: int | None) -> Any:
+    """This rank's group when the world is split into groups of ``group_size`` consecutive
+    ranks (apex's ``create_syncbn_process_group``); ``None`` (the whole world) when
+    ``group_size`` is ``None`` or covers the world. Every rank must call it: each creates every
+    group."""
+    world = world_size()
+    if group_size is None or group_size >= world:
+        return None
+    if group_size < 1 or world % group_size:
+        raise ValueError(
+            f"syncbn_process_group_size={group_size} must divide the world size {world}"
+        )
+    mine = None
+    for start in range(0, world, group_size):
+        group = dist.new_group(ranks=list(range(start, start + group_size)))
+        if start <= rank() < start + group_size:
+            mine = group
+    return mine
+
+
 def all_reduce_sum(x: torch.Tensor, group: Any = None) -> torch.Tensor:
     """Differentiable sum of ``x`` over the ranks of ``group`` (identity on one process)."""
     if world_size(group) == 1:

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from sslzoo.callbacks import KNNMonitor, OnlineProbe
+from sslzoo.distributed import consecutive_groups
 from sslzoo.methods.base import SSLMethod
 from sslzoo.methods.dino import DINO
 from sslzoo.methods.mocov3 import MoCoV3
@@ -258,6 +259,28 @@ def sync_bn_rank(case: str, rank: int) -> dict[str, Any]:
     return result
 
 
+def grouped_sync_bn_rank(rank: int) -> dict[str, Any]:
+    """The "1d" case through SyncBatchNorm synchronised within SwAV's groups of
+    ``syncbn_process_group_size=1`` rank: each rank's statistics are its own share's."""
+    x, upstream, weight, bias = sync_bn_inputs("1d")
+    sizes = SYNC_BN_CASES["1d"]
+    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    swav = SwAV(**TINY_RESNET, hidden_mlp=8, feat_dim=4, nmb_prototypes=4,
+                syncbn_process_group_size=1)  # fmt: skip
+    group = swav.sync_batchnorm_group()
+    bn = SyncBatchNorm(x.shape[1], process_group=group)
+    with torch.no_grad():
+        bn.weight.copy_(weight)
+        bn.bias.copy_(bias)
+    result = run_batchnorm(bn, x[lo:hi], upstream[lo:hi])
+    result["group_size"] = dist.get_world_size(group)
+    try:
+        consecutive_groups(0)
+    except ValueError as error:
+        result["bad_size_error"] = str(error)
+    return result
+
+
 def torch_sync_bn_refuses_cpu() -> str:
     """The error ``torch.nn.SyncBatchNorm`` raises on CPU in training under gloo ('' if none)."""
     try:
@@ -281,6 +304,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(minutes=2))
     results: dict[str, Any] = {"torch_sync_bn_error": torch_sync_bn_refuses_cpu()}
     results["sync_bn"] = {case: sync_bn_rank(case, rank) for case in SYNC_BN_CASES}
+    results["grouped_sync_bn"] = grouped_sync_bn_rank(rank)
     for name in METHODS:
         results[name] = fit(name, WORLD)
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")

@@ -116,6 +116,29 @@ def test_sync_batchnorm_matches_full_batch(ranks: list[dict[str, Any]], case: st
         assert got["num_batches_tracked"] == ref["num_batches_tracked"] == 2
 
 
+def test_swav_syncs_batchnorm_within_groups_of_consecutive_ranks(
+    ranks: list[dict[str, Any]],
+) -> None:
+    """SwAV's ``syncbn_process_group_size`` (apex's grouped SyncBN): with groups of one rank,
+    each rank's BatchNorm equals a plain BatchNorm on its own share, not on the whole batch."""
+    x, upstream, weight, bias = H.sync_bn_inputs("1d")
+    sizes = H.SYNC_BN_CASES["1d"]
+    for rank, r in enumerate(ranks):
+        got = r["grouped_sync_bn"]
+        assert got["group_size"] == 1
+        assert "syncbn_process_group_size=0" in got["bad_size_error"]
+        lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        bn = nn.BatchNorm1d(x.shape[1])
+        with torch.no_grad():
+            bn.weight.copy_(weight)
+            bn.bias.copy_(bias)
+        ref = H.run_batchnorm(bn, x[lo:hi], upstream[lo:hi])
+        for key in ("out", "out2", "out_eval", "x_grad", "running_mean", "running_var"):
+            torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-5)
+        whole = H.run_batchnorm(nn.BatchNorm1d(x.shape[1]), x, upstream)
+        assert not torch.allclose(ref["running_mean"], whole["running_mean"], atol=1e-3)
+
+
 def test_sync_batchnorm_is_batchnorm_on_one_process() -> None:
     torch.manual_seed(0)
     x = torch.randn(6, 4, 3, 3)

@@ -327,7 +327,12 @@ class SSLMethod(L.LightningModule):
         from sslzoo.methods.sync_batchnorm import convert_sync_batchnorm
 
         if self.settings.sync_batchnorm and self.trainer.world_size > 1:
-            convert_sync_batchnorm(self, device=self.trainer.strategy.root_device)
+            group = self.sync_batchnorm_group()
+            convert_sync_batchnorm(self, group, device=self.trainer.strategy.root_device)
+
+    def sync_batchnorm_group(self) -> Any:
+        """The ranks BatchNorm statistics are synchronised over: ``None``, all of them."""
+        return None
 
     # ----------------------------------------------------------------- optimisation
     @property

@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from sslzoo.augment.views import swav_views
+from sslzoo.distributed import consecutive_groups
 from sslzoo.methods.base import (
     LRScaling,
     SSLMethod,
@@ -193,8 +194,10 @@ class SwAV(SSLMethod):
         blur_prob: probability of the PIL Gaussian blur, on every crop.
         blur_sigma: range of the blur radius.
         hflip_prob: probability of a horizontal flip.
-        sync_batchnorm: synchronise BatchNorm across all devices (the official code syncs
-            within groups of 8 GPUs at batch 4096, globally at batch 256).
+        sync_batchnorm: synchronise BatchNorm across devices.
+        syncbn_process_group_size: synchronise it within groups of this many consecutive
+            ranks (apex's ``create_syncbn_process_group``: 8 officially, so at batch 4096 on
+            64 GPUs each group of 8 has its own statistics); ``None``: over all ranks.
         backbone: backbone name (see :class:`SSLMethod`).
         backbone_kwargs: backbone constructor arguments.
         cifar_stem: 3x3 stride-1 ResNet stem for 32x32 images.
@@ -239,6 +242,7 @@ class SwAV(SSLMethod):
         blur_sigma: tuple[float, float] = (0.1, 2.0),
         hflip_prob: float = 0.5,
         sync_batchnorm: bool = True,
+        syncbn_process_group_size: int | None = 8,
         backbone: str = "resnet50",
         backbone_kwargs: dict[str, Any] | None = None,
         cifar_stem: bool = False,
@@ -290,6 +294,10 @@ class SwAV(SSLMethod):
             gaussian_blur=hp.blur_prob,
             sigmas=tuple(hp.blur_sigma),
         )
+
+    def sync_batchnorm_group(self) -> Any:
+        """Groups of ``syncbn_process_group_size`` consecutive ranks, as apex's grouped SyncBN."""
+        return consecutive_groups(self.hparams.syncbn_process_group_size)
 
     def view_transform(
         self, image_size: int, mean: Sequence[float], std: Sequence[float]
