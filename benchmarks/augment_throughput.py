@@ -12,11 +12,16 @@ Rows (source images per second; each image gives two views):
 * ``device+compile`` (``--compile-views``): the same views through ``torch.compile``.
 * ``kornia`` (``--kornia``, if importable): kornia.augmentation with the same settings; its
   ``ColorJitter`` draws one order of the four ops per call, not per image.
+* ``--official``: SimCLR's official views instead of the CIFAR config's lightly views in every
+  row but kornia: bicubic crops, TensorFlow's colour ops at strength 1, blur with p 0.5 and a
+  kernel of a tenth of the side, zero padded (``SimCLR().view_transform`` and
+  ``device_view_transform``), e.g. at ``--size 96`` or ``224`` on synthetic images.
 * with ``--step``: a full SimCLR training step (ResNet-18 with the CIFAR stem, the CIFAR-10
   config's head, loss and SGD) fed by each pipeline.
 
     python benchmarks/augment_throughput.py --workers 0 2 8 --step
     python benchmarks/augment_throughput.py --data ../shared/data/cifar10-jpg.tar.gz
+    python benchmarks/augment_throughput.py --official --size 224 --batch-size 64
 
 Images are synthetic (smooth random colours) unless ``--data`` points at CIFAR-10. Timing
 synchronises the device only at the start and end of each measured run.
@@ -97,18 +102,27 @@ def worker_loader(dataset: Dataset, batch: int, workers: int, device: torch.devi
     )
 
 
-def pil_batches(
-    images: np.ndarray, batch: int, workers: int, device: torch.device
-) -> Iterator[list[torch.Tensor]]:
-    """View pairs from lightly's PIL transform in a DataLoader, moved to ``device``."""
+def official_simclr() -> SimCLR:
+    """SimCLR with its official view settings (the views are all that is used)."""
+    return SimCLR(backbone="timm/resnet18", backbone_kwargs=TINY, sync_batchnorm=False)
+
+
+def pil_transform(size: int, official: bool) -> Callable:
+    """SimCLR's official PIL views, or lightly's as the CIFAR config sets them."""
+    if official:
+        return official_simclr().view_transform(size, MEAN, STD)
     from lightly.transforms import SimCLRTransform
 
-    transform = SimCLRTransform(
-        input_size=images.shape[1],
-        cj_strength=0.5,
-        gaussian_blur=0.0,
-        normalize={"mean": MEAN, "std": STD},
+    return SimCLRTransform(
+        input_size=size, cj_strength=0.5, gaussian_blur=0.0, normalize={"mean": MEAN, "std": STD}
     )
+
+
+def pil_batches(
+    images: np.ndarray, batch: int, workers: int, device: torch.device, official: bool = False
+) -> Iterator[list[torch.Tensor]]:
+    """View pairs from the PIL transform in a DataLoader, moved to ``device``."""
+    transform = pil_transform(images.shape[1], official)
     for views, _ in worker_loader(PILImages(images, transform), batch, workers, device):
         yield [v.to(device, non_blocking=True) for v in views]
 
@@ -230,6 +244,7 @@ def main() -> None:
     p.add_argument("--data", default=None, help="CIFAR-10 root or archive (default: synthetic)")
     p.add_argument("--kornia", action="store_true", help="also time kornia.augmentation")
     p.add_argument("--step", action="store_true", help="also time full training steps")
+    p.add_argument("--official", action="store_true", help="SimCLR's official views")
     p.add_argument("--step-batch-size", type=int, default=None, help="default: --batch-size")
     p.add_argument("--tiny", action="store_true", help="tiny ResNet instead of ResNet-18")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="CUDA steps")
@@ -255,8 +270,13 @@ def main() -> None:
 
     for where in devices:
         for w in args.workers:
-            run("pil", where, str(w), lambda b, w=w, d=where: pil_batches(images, b, w, d))
-        views = simclr_views(args.size, MEAN, STD, cj_strength=0.5, gaussian_blur=0.0).to(where)
+            pil = lambda b, w=w, d=where: pil_batches(images, b, w, d, args.official)  # noqa: E731
+            run("pil", where, str(w), pil)
+        if args.official:
+            views = official_simclr().device_view_transform(args.size, MEAN, STD).to(where)
+        else:
+            views = simclr_views(args.size, MEAN, STD, cj_strength=0.5, gaussian_blur=0.0)
+            views = views.to(where)
         for w in args.workers:
             cropped = lambda b, w=w, d=where, v=views: crop_batches(images, b, w, d, v)  # noqa: E731
             run("crops", where, str(w), cropped)
@@ -270,7 +290,8 @@ def main() -> None:
             run("kornia", where, "-", lambda b, d=where, v=kv: device_batches(images, b, d, v))
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     print(f"\ntorch {torch.__version__}; CPU {cpu_name()}, {torch.get_num_threads()} threads; "
-          f"GPU {gpu}; {args.size} px, two SimCLR views per image, "
+          f"GPU {gpu}; {args.size} px, two SimCLR views per image "
+          f"({'official' if args.official else 'CIFAR config'}), "
           f"{'CIFAR-10' if args.data else 'synthetic'} images\n")  # fmt: skip
     print("| pipeline | device | workers | batch | images/s |")
     print("| --- | --- | --- | --- | --- |")

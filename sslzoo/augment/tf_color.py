@@ -95,20 +95,27 @@ def tf_color_jitter(
 
     As in :func:`~sslzoo.augment.ops.color_jitter`, the hue rotation, the costly op, runs once
     on the whole batch: each sample's other three ops, in its order, run in three passes before
-    it (those its order puts before hue) and three after it (the rest).
+    it (those its order puts before hue) and three after it (the rest). In a pass, brightness
+    and contrast are one affine map ``x a + b`` per sample and channel (the identity for samples
+    with another op), and saturation replaces it where it is the sample's op.
     """
-    steps = _steps(color_ops)[:3]
+    byol = color_ops == "byol"
     is_hue = order == 3
     hue_at = is_hue.int().argmax(1)  # position of hue in each sample's order
     # each sample's other ops in its order: a stable sort moves hue to the end
     others = order.gather(1, torch.argsort(is_hue.int(), dim=1, stable=True))[:, :3]
 
     def one_op(x: torch.Tensor, op: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        out = x
-        for k, step in enumerate(steps):
-            chosen = (active & (op == k)).reshape(-1, 1, 1, 1)
-            out = torch.where(chosen, step(x, factors[:, k]), out)
-        return out
+        f = factors.gather(1, op[:, None])[:, 0]  # each sample's parameter for its op
+        bright, contrast = active & (op == 0), active & (op == 1)
+        scale = torch.where(contrast | (bright & (not byol)), f, 1.0)
+        shift = torch.where(bright, f, 0.0) if byol else torch.zeros_like(f)
+        mean = x.mean(dim=(-2, -1), keepdim=True)  # contrast: around each channel's mean
+        offset = torch.where(contrast, 1.0 - f, 0.0).reshape(-1, 1, 1, 1) * mean
+        affine = x * scale.reshape(-1, 1, 1, 1) + (offset + shift.reshape(-1, 1, 1, 1))
+        affine = affine.clamp(0.0, 1.0)
+        saturation = (active & (op == 2)).reshape(-1, 1, 1, 1)
+        return torch.where(saturation, adjust_saturation_hsv(x, f), affine)
 
     if not use_hue:
         for j in range(3):
