@@ -58,9 +58,10 @@ def lightly_recipe(view) -> dict:  # noqa: ANN001
                  "grayscale_prob": 0.0, "color_ops": "torchvision"}  # fmt: skip
     for step in torchvision_steps(view):
         name = type(step).__name__
-        if name == "RandomResizedCrop":
+        if name in ("RandomResizedCrop", "SampledResizedCrop"):
             out.update(size=tuple(step.size), scale=tuple(step.scale), ratio=tuple(step.ratio))
             out["interpolation"] = getattr(step.interpolation, "value", step.interpolation)
+            out["crop_sampler"] = getattr(step, "sampler", "torchvision")
         elif name == "RandomHorizontalFlip":
             out["hflip_prob"] = step.p
         elif name == "RandomApply":
@@ -95,7 +96,7 @@ def device_recipe(recipe: ViewRecipe) -> dict:
     """The same parameters of one of our view recipes."""
     return {
         "size": recipe.out_size, "scale": recipe.scale, "ratio": recipe.ratio,
-        "interpolation": recipe.interpolation,
+        "interpolation": recipe.interpolation, "crop_sampler": recipe.crop_sampler,
         "hflip_prob": recipe.hflip_prob,
         "jitter": color_ranges(recipe.color_ops, *recipe.jitter) if recipe.jitter_prob > 0
         else [(1.0, 1.0)] * 3 + [(0.0, 0.0)],

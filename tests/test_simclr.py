@@ -77,16 +77,17 @@ def test_projection_head_starts_from_the_official_normal_init() -> None:
 
 
 def test_view_recipe_matches_simclr() -> None:
-    """SimCLR's views are the official recipe: crop (0.08, 1), colour jitter (0.8s, 0.8s,
-    0.8s, 0.2s) with p=0.8 in a random order (``color_jitter_rand``) with TensorFlow's ops,
-    grayscale 0.2, flip; lightly's SimCLRTransform with its crop, jitter and blur steps
-    swapped for the official ones (tests/test_tf_recipe.py)."""
+    """SimCLR's views are the official recipe: crop (0.08, 1) from TensorFlow's sampler, bicubic,
+    colour jitter (0.8s, 0.8s, 0.8s, 0.2s) with p=0.8 in a random order (``color_jitter_rand``)
+    with TensorFlow's ops, grayscale 0.2, flip; lightly's SimCLRTransform with its crop, jitter
+    and blur steps swapped for the official ones (tests/test_tf_recipe.py)."""
     model = SimCLR(**TINY_RESNET, proj_hidden_dim=16, sync_batchnorm=False)
     views = model.view_transform(32, [0.5] * 3, [0.25] * 3)
     assert isinstance(views, SimCLRTransform)
     ops = views.transforms[0].transform.transforms
-    crop = next(o for o in ops if type(o).__name__ == "RandomResizedCrop")
+    crop = next(o for o in ops if type(o).__name__ == "SampledResizedCrop")
     assert crop.scale == (0.08, 1.0) and tuple(crop.size) == (32, 32)
+    assert (crop.sampler, crop.interpolation) == ("simclr", "bicubic")
     cj = next(o for o in ops if type(o).__name__ == "TensorColorJitter")
     assert cj.prob == 0.8 and cj.color_ops == "simclr"
     assert cj.jitter == pytest.approx((0.8, 0.8, 0.8, 0.2))

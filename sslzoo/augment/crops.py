@@ -12,14 +12,54 @@ from collections.abc import Sequence
 
 import torch
 import torchvision.transforms as T
+import torchvision.transforms.functional as TF
 from PIL import Image
 
+from sslzoo.augment import ops
+from sslzoo.augment.params import CropSampler, sample_crop_boxes
 from sslzoo.augment.views import ViewRecipe
 
 INTERPOLATION = {
     "bilinear": T.InterpolationMode.BILINEAR,
     "bicubic": T.InterpolationMode.BICUBIC,
 }
+
+
+class SampledResizedCrop:
+    """PIL step: a random resized crop whose box comes from ``sampler`` (one of
+    :func:`~sslzoo.augment.params.sample_crop_boxes`), drawn from torch's global generator,
+    resized to ``size`` with ``interpolation`` (antialiased, as PIL resizes)."""
+
+    def __init__(
+        self,
+        size: Sequence[int],
+        scale: Sequence[float],
+        ratio: Sequence[float],
+        interpolation: ops.Interpolation,
+        sampler: CropSampler,
+    ) -> None:
+        self.size = (int(size[0]), int(size[1]))
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.interpolation = interpolation
+        self.sampler = sampler
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        box = sample_crop_boxes(
+            self.sampler, 1, height, width, self.scale, self.ratio, torch.device("cpu")
+        )
+        top, left, h, w = (int(v) for v in (box.top, box.left, box.height, box.width))
+        return TF.resized_crop(
+            image, top, left, h, w, list(self.size), INTERPOLATION[self.interpolation],
+            antialias=True,
+        )  # fmt: skip
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
+            f"interpolation={self.interpolation!r}, sampler={self.sampler!r})"
+        )
 
 
 class CropViews:
@@ -32,15 +72,15 @@ class CropViews:
         built: dict[ViewRecipe, T.Compose] = {}
         for r in self.recipes:
             if r not in built:
-                built[r] = T.Compose(
-                    [
-                        T.RandomResizedCrop(
-                            r.out_size, r.scale, r.ratio, INTERPOLATION[r.interpolation]
-                        ),
-                        T.RandomHorizontalFlip(r.hflip_prob),
-                        T.PILToTensor(),
-                    ]
-                )
+                if r.crop_sampler == "torchvision":
+                    crop = T.RandomResizedCrop(
+                        r.out_size, r.scale, r.ratio, INTERPOLATION[r.interpolation]
+                    )
+                else:
+                    crop = SampledResizedCrop(
+                        r.out_size, r.scale, r.ratio, r.interpolation, r.crop_sampler
+                    )
+                built[r] = T.Compose([crop, T.RandomHorizontalFlip(r.hflip_prob), T.PILToTensor()])
         self.transforms = [built[r] for r in self.recipes]
 
     def __call__(self, image: Image.Image) -> list[torch.Tensor]:

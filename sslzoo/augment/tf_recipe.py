@@ -1,14 +1,16 @@
-"""The crop resizing, colour jitter and Gaussian blur of the official SimCLR (TensorFlow) and
-BYOL (JAX) input pipelines, for PIL views and device views alike.
+"""The crop sampling and resizing, colour jitter and Gaussian blur of the official SimCLR
+(TensorFlow) and BYOL (JAX) input pipelines, for PIL views and device views alike.
 
-Both resize each random crop with bicubic interpolation (``tf.image.resize(..., BICUBIC)``),
-jitter colours with TensorFlow's ops (:mod:`sslzoo.augment.tf_color`), and blur with a
-separable Gaussian of 2 int(size / 20) + 1 taps (``kernel_size = size // 10`` or ``size / 10``,
-then ``radius = int(kernel_size / 2)``) applied as a SAME convolution, which pads with zeros.
-lightly's SimCLR and BYOL views resize bilinearly, jitter with torchvision's ``ColorJitter``
-and blur with PIL's ``GaussianBlur(radius=sigma)``, whose support follows sigma and whose edges
-repeat the border pixels; :meth:`TFRecipe.adapt` swaps those steps of a lightly view for the
-official ones.
+Both draw crop boxes with their own samplers (:func:`~sslzoo.augment.params.simclr_crop_boxes`,
+:func:`~sslzoo.augment.params.byol_crop_boxes`), resize each crop bicubically
+(``tf.image.resize(..., BICUBIC)``), jitter colours with TensorFlow's ops
+(:mod:`sslzoo.augment.tf_color`), and blur with a separable Gaussian of 2 int(size / 20) + 1 taps
+(``kernel_size = size // 10`` or ``size / 10``, then ``radius = int(kernel_size / 2)``) applied
+as a SAME convolution, which pads with zeros. lightly's SimCLR and BYOL views crop with
+torchvision's sampler, resize bilinearly, jitter with torchvision's ``ColorJitter`` and blur
+with PIL's ``GaussianBlur(radius=sigma)``, whose support follows sigma and whose edges repeat
+the border pixels; :meth:`TFRecipe.adapt` swaps those steps of a lightly view for the official
+ones.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from lightly.transforms.gaussian_blur import GaussianBlur as PILGaussianBlur
 from PIL import Image
 
 from sslzoo.augment import ops
-from sslzoo.augment.crops import INTERPOLATION
-from sslzoo.augment.params import bernoulli, jitter_params
+from sslzoo.augment.crops import INTERPOLATION, SampledResizedCrop
+from sslzoo.augment.params import CropSampler, bernoulli, jitter_params
 from sslzoo.augment.tf_color import ColorOps, color_ranges, jitter_in_order
 
 
@@ -103,6 +105,8 @@ class TFRecipe:
 
     Args:
         interpolation: resizing of the random crop (``bicubic`` officially).
+        crop_sampler: the crop box sampler (``simclr`` or ``byol`` officially;
+            ``torchvision``: lightly's ``RandomResizedCrop``).
         blur_kernel_fraction: blur kernel size as a fraction of the view side (0.1 officially);
             ``None`` keeps lightly's PIL blur (and a 2 ceil(3 sigma_max) + 1 kernel with reflect
             padding on the device).
@@ -115,12 +119,14 @@ class TFRecipe:
     blur_kernel_fraction: float | None = 0.1
     blur_padding: ops.BlurPadding = "zeros"
     color_ops: ColorOps = "simclr"
+    crop_sampler: CropSampler = "simclr"
 
     def device_settings(self, image_size: int) -> dict[str, Any]:
         """Keywords of :func:`~sslzoo.augment.views.simclr_views` and ``byol_views``."""
         settings: dict[str, Any] = {
             "interpolation": self.interpolation,
             "color_ops": self.color_ops,
+            "crop_sampler": self.crop_sampler,
         }
         if self.blur_kernel_fraction is not None:
             settings["blur_kernel_size"] = kernel_taps(image_size, self.blur_kernel_fraction)
@@ -128,12 +134,16 @@ class TFRecipe:
         return settings
 
     def adapt(self, view: Any, image_size: int) -> Any:
-        """Set the crop interpolation, colour jitter and blur of a lightly view transform (its
-        ``transform`` is a torchvision ``Compose``) in place, and return it."""
+        """Set the crop sampler and interpolation, colour jitter and blur of a lightly view
+        transform (its ``transform`` is a torchvision ``Compose``) in place, and return it."""
         steps = view.transform.transforms
         for i, step in enumerate(steps):
             name = type(step).__name__
-            if name == "RandomResizedCrop":
+            if name == "RandomResizedCrop" and self.crop_sampler != "torchvision":
+                steps[i] = SampledResizedCrop(
+                    step.size, step.scale, step.ratio, self.interpolation, self.crop_sampler
+                )
+            elif name == "RandomResizedCrop":
                 step.interpolation = INTERPOLATION[self.interpolation]
             elif name == "RandomApply" and self.color_ops != "torchvision":
                 (jitter,) = step.transforms  # a ColorJitter

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from sslzoo.augment import ops
-from sslzoo.augment.params import bernoulli, crop_boxes, jitter_params, uniform
+from sslzoo.augment.params import CropSampler, bernoulli, jitter_params, sample_crop_boxes, uniform
 from sslzoo.augment.tf_color import ColorOps, color_ranges, tf_color_jitter
 
 PIL_SOLARIZE_THRESHOLD = 128 / 255  # PIL's ImageOps.solarize inverts uint8 values >= 128
@@ -37,6 +37,9 @@ class ViewRecipe:
         size: output side (or (height, width)).
         scale: area fraction range of the random resized crop.
         ratio: aspect ratio range of the crop (log-uniform).
+        crop_sampler: how crop boxes are drawn: torchvision's ``RandomResizedCrop``, or the
+            official ``simclr`` (TensorFlow's) or ``byol`` samplers
+            (:mod:`sslzoo.augment.params`).
         interpolation: ``bilinear`` or ``bicubic`` resizing of the crop (both antialiased, as
             PIL's); bicubic results are clamped to [0, 1], as PIL's uint8 output is.
         hflip_prob: probability of a horizontal flip.
@@ -60,6 +63,7 @@ class ViewRecipe:
     size: int | tuple[int, int]
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    crop_sampler: CropSampler = "torchvision"
     interpolation: ops.Interpolation = "bilinear"
     hflip_prob: float = 0.5
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
@@ -148,7 +152,9 @@ class DeviceViews(nn.Module):
         """The random resized crop and flip of view ``index``."""
         r = self.recipes[index]
         n, _, height, width = x.shape
-        box = crop_boxes(n, height, width, r.scale, r.ratio, x.device, generator)
+        box = sample_crop_boxes(
+            r.crop_sampler, n, height, width, r.scale, r.ratio, x.device, generator
+        )
         flip = bernoulli(n, r.hflip_prob, x.device, generator)
         v = ops.resized_crop(
             x, box.top, box.left, box.height, box.width, r.out_size, flip,
@@ -213,6 +219,7 @@ def _lightly_view(
     blur_kernel_size: int | None = None,
     blur_padding: ops.BlurPadding = "reflect",
     color_ops: ColorOps = "torchvision",
+    crop_sampler: CropSampler = "torchvision",
 ) -> ViewRecipe:
     """One view of lightly's recipes: jitter strengths are ``cj_strength x jitter``."""
     return ViewRecipe(
@@ -222,6 +229,7 @@ def _lightly_view(
         blur_kernel_size=blur_kernel_size,
         blur_padding=blur_padding,
         color_ops=color_ops,
+        crop_sampler=crop_sampler,
         hflip_prob=hf_prob,
         jitter=tuple(cj_strength * j for j in jitter),
         jitter_prob=cj_prob,
@@ -252,7 +260,8 @@ def simclr_views(
     **official: Any,
 ) -> DeviceViews:
     """Two views as lightly's ``SimCLRTransform``; ``official`` may set the recipe's
-    ``interpolation``, ``blur_kernel_size``, ``blur_padding`` and ``color_ops``."""
+    ``interpolation``, ``crop_sampler``, ``blur_kernel_size``, ``blur_padding`` and
+    ``color_ops``."""
     view = _lightly_view(
         input_size, mean, std, cj_prob, cj_strength, (cj_bright, cj_contrast, cj_sat, cj_hue),
         min_scale, random_gray_scale, gaussian_blur, sigmas, hf_prob, **official,

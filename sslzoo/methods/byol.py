@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslzoo.augment.ops import BlurPadding, Interpolation
+from sslzoo.augment.params import CropSampler
 from sslzoo.augment.tf_color import ColorOps
 from sslzoo.augment.tf_recipe import TFRecipe
 from sslzoo.methods.base import LRScaling, SSLMethod, frozen_copy, init_arguments
@@ -54,6 +55,9 @@ class BYOL(BYOLPairViews, SSLMethod):
         predictor_hidden_dim: predictor MLP hidden width.
         ema_momentum: base EMA momentum tau_base; rises to 1 on a cosine over the run.
         crop_min_scale: smallest random-resized-crop area fraction.
+        crop_sampler: how crop boxes are drawn: ``byol``: one draw clipped to the image
+            (``_decode_and_random_crop``); ``torchvision``: ``RandomResizedCrop``'s
+            (lightly's).
         crop_interpolation: resizing of the crop (``bicubic``: ``dataset.py``).
         color_jitter: colour jitter strengths (brightness, contrast, saturation, hue).
         color_jitter_prob: probability of colour jitter, applied in random order.
@@ -94,6 +98,7 @@ class BYOL(BYOLPairViews, SSLMethod):
         predictor_hidden_dim: int = 4096,
         ema_momentum: float = 0.996,
         crop_min_scale: float = 0.08,
+        crop_sampler: CropSampler = "byol",
         crop_interpolation: Interpolation = "bicubic",
         color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
         color_jitter_prob: float = 0.8,
@@ -136,11 +141,12 @@ class BYOL(BYOLPairViews, SSLMethod):
         return [(self.backbone, self.target_backbone), (self.projector, self.target_projector)]
 
     def tf_recipe(self) -> TFRecipe:
-        """The crop resizing, colour ops and blur kernel of the views."""
+        """The crop sampler and resizing, colour ops and blur kernel of the views."""
         hp = self.hparams
         return TFRecipe(
-            hp.crop_interpolation, hp.blur_kernel_fraction, hp.blur_padding, hp.color_ops
-        )
+            hp.crop_interpolation, hp.blur_kernel_fraction, hp.blur_padding, hp.color_ops,
+            hp.crop_sampler,
+        )  # fmt: skip
 
     def view_recipe(self, image_size: int) -> dict[str, Any]:
         """The settings both views share, in lightly's ``BYOLView1Transform`` keywords."""

@@ -19,6 +19,7 @@ from lightly.utils.dist import gather
 from torch import nn
 
 from sslzoo.augment.ops import BlurPadding, Interpolation
+from sslzoo.augment.params import CropSampler
 from sslzoo.augment.tf_color import ColorOps
 from sslzoo.augment.tf_recipe import TFRecipe
 from sslzoo.augment.views import simclr_views
@@ -110,6 +111,9 @@ class SimCLR(SSLMethod):
         proj_init_std: standard deviation of the head's initial Linear weights (0.01 officially;
             None: PyTorch's default).
         crop_min_scale: smallest random-resized-crop area fraction.
+        crop_sampler: how crop boxes are drawn: ``simclr``: TensorFlow's
+            ``sample_distorted_bounding_box`` as ``crop_and_resize`` calls it;
+            ``torchvision``: ``RandomResizedCrop``'s (lightly's).
         crop_interpolation: resizing of the crop (``bicubic``: ``crop_and_resize``).
         color_jitter_strength: colour distortion strength s: jitter (0.8s, 0.8s, 0.8s, 0.2s).
         color_jitter_prob: probability of colour jitter (applied in random order).
@@ -152,6 +156,7 @@ class SimCLR(SSLMethod):
         proj_out_dim: int = 128,
         proj_init_std: float | None = 0.01,
         crop_min_scale: float = 0.08,
+        crop_sampler: CropSampler = "simclr",
         crop_interpolation: Interpolation = "bicubic",
         color_jitter_strength: float = 1.0,
         color_jitter_prob: float = 0.8,
@@ -199,11 +204,12 @@ class SimCLR(SSLMethod):
         )
 
     def tf_recipe(self) -> TFRecipe:
-        """The crop resizing, colour ops and blur kernel of the views."""
+        """The crop sampler and resizing, colour ops and blur kernel of the views."""
         hp = self.hparams
         return TFRecipe(
-            hp.crop_interpolation, hp.blur_kernel_fraction, hp.blur_padding, hp.color_ops
-        )
+            hp.crop_interpolation, hp.blur_kernel_fraction, hp.blur_padding, hp.color_ops,
+            hp.crop_sampler,
+        )  # fmt: skip
 
     def view_transform(
         self, image_size: int, mean: Sequence[float], std: Sequence[float]
