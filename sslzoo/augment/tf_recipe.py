@@ -121,6 +121,15 @@ class TFRecipe:
     color_ops: ColorOps = "simclr"
     crop_sampler: CropSampler = "simclr"
 
+    @classmethod
+    def from_hparams(cls, hparams: Any) -> TFRecipe:
+        """The recipe a method's ``crop_interpolation``, ``blur_kernel_fraction``,
+        ``blur_padding``, ``color_ops`` and ``crop_sampler`` arguments give."""
+        return cls(
+            hparams.crop_interpolation, hparams.blur_kernel_fraction, hparams.blur_padding,
+            hparams.color_ops, hparams.crop_sampler,
+        )  # fmt: skip
+
     def device_settings(self, image_size: int) -> dict[str, Any]:
         """Keywords of :func:`~sslzoo.augment.views.simclr_views` and ``byol_views``."""
         settings: dict[str, Any] = {

@@ -142,11 +142,7 @@ class BYOL(BYOLPairViews, SSLMethod):
 
     def tf_recipe(self) -> TFRecipe:
         """The crop sampler and resizing, colour ops and blur kernel of the views."""
-        hp = self.hparams
-        return TFRecipe(
-            hp.crop_interpolation, hp.blur_kernel_fraction, hp.blur_padding, hp.color_ops,
-            hp.crop_sampler,
-        )  # fmt: skip
+        return TFRecipe.from_hparams(self.hparams)
 
     def view_recipe(self, image_size: int) -> dict[str, Any]:
         """The settings both views share, in lightly's ``BYOLView1Transform`` keywords."""

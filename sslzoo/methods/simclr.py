@@ -205,19 +205,16 @@ class SimCLR(SSLMethod):
 
     def tf_recipe(self) -> TFRecipe:
         """The crop sampler and resizing, colour ops and blur kernel of the views."""
-        hp = self.hparams
-        return TFRecipe(
-            hp.crop_interpolation, hp.blur_kernel_fraction, hp.blur_padding, hp.color_ops,
-            hp.crop_sampler,
-        )  # fmt: skip
+        return TFRecipe.from_hparams(self.hparams)
 
     def view_transform(
         self, image_size: int, mean: Sequence[float], std: Sequence[float]
     ) -> ViewTransform:
         normalize = {"mean": list(mean), "std": list(std)}
         transform = SimCLRTransform(normalize=normalize, **self.view_recipe(image_size))
+        recipe = self.tf_recipe()
         for view in transform.transforms:
-            self.tf_recipe().adapt(view, image_size)
+            recipe.adapt(view, image_size)
         return transform
 
     def device_view_transform(
