@@ -16,6 +16,7 @@ precision their inputs are rounded to about 5e-4 relative: a tenth of a uint8 gr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -246,18 +247,33 @@ def color_jitter(
     others) and three passes after it (the rest). Pass ``use_hue=False`` when the hue range is
     zero.
     """
+    return jitter_around_hue(images, factors, order, apply, use_hue, _blend_step)
+
+
+def jitter_around_hue(
+    images: torch.Tensor,
+    factors: torch.Tensor,
+    order: torch.Tensor,
+    apply: torch.Tensor,
+    use_hue: bool,
+    step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Run each sample's four jitter ops in its ``order`` with the hue shift once for the whole
+    batch: ``step(x, factors, op, active)`` applies, per sample, its op ``op`` (0, 1 or 2)
+    where ``active`` is true and leaves the other samples unchanged; three such passes run
+    before the hue shift (the ops each sample's order puts before hue) and three after it."""
     is_hue = order == 3
     hue_at = is_hue.int().argmax(1)  # position of hue in each sample's order
-    # each sample's blend ops in its order: a stable sort moves hue to the end
-    blends = order.gather(1, torch.argsort(is_hue.int(), dim=1, stable=True))[:, :3]
+    # each sample's other ops in its order: a stable sort moves hue to the end
+    others = order.gather(1, torch.argsort(is_hue.int(), dim=1, stable=True))[:, :3]
     x = images
-    if not use_hue:  # three passes, each sample's blend ops in its order
+    if not use_hue:  # three passes, each sample's ops in its order
         for j in range(3):
-            x = _blend_step(x, factors, blends[:, j], apply)
+            x = step(x, factors, others[:, j], apply)
         return x
     for j in range(3):
-        x = _blend_step(x, factors, blends[:, j], apply & (j < hue_at))
+        x = step(x, factors, others[:, j], apply & (j < hue_at))
     x = torch.where(_column(apply), adjust_hue(x, factors[:, 3]), x)
     for j in range(3):
-        x = _blend_step(x, factors, blends[:, j], apply & (j >= hue_at))
+        x = step(x, factors, others[:, j], apply & (j >= hue_at))
     return x

@@ -94,18 +94,15 @@ def tf_color_jitter(
     (N, 4, a permutation of 0..3 per sample), on the samples whose ``apply`` is true.
 
     As in :func:`~sslzoo.augment.ops.color_jitter`, the hue rotation, the costly op, runs once
-    on the whole batch: each sample's other three ops, in its order, run in three passes before
-    it (those its order puts before hue) and three after it (the rest). In a pass, brightness
+    on the whole batch (:func:`~sslzoo.augment.ops.jitter_around_hue`). In a pass, brightness
     and contrast are one affine map ``x a + b`` per sample and channel (the identity for samples
     with another op), and saturation replaces it where it is the sample's op.
     """
     byol = color_ops == "byol"
-    is_hue = order == 3
-    hue_at = is_hue.int().argmax(1)  # position of hue in each sample's order
-    # each sample's other ops in its order: a stable sort moves hue to the end
-    others = order.gather(1, torch.argsort(is_hue.int(), dim=1, stable=True))[:, :3]
 
-    def one_op(x: torch.Tensor, op: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    def one_op(
+        x: torch.Tensor, factors: torch.Tensor, op: torch.Tensor, active: torch.Tensor
+    ) -> torch.Tensor:
         f = factors.gather(1, op[:, None])[:, 0]  # each sample's parameter for its op
         bright, contrast = active & (op == 0), active & (op == 1)
         scale = torch.where(contrast | (bright & (not byol)), f, 1.0)
@@ -117,13 +114,4 @@ def tf_color_jitter(
         saturation = (active & (op == 2)).reshape(-1, 1, 1, 1)
         return torch.where(saturation, adjust_saturation_hsv(x, f), affine)
 
-    if not use_hue:
-        for j in range(3):
-            images = one_op(images, others[:, j], apply)
-        return images
-    for j in range(3):
-        images = one_op(images, others[:, j], apply & (j < hue_at))
-    images = torch.where(apply.reshape(-1, 1, 1, 1), ops.adjust_hue(images, factors[:, 3]), images)
-    for j in range(3):
-        images = one_op(images, others[:, j], apply & (j >= hue_at))
-    return images
+    return ops.jitter_around_hue(images, factors, order, apply, use_hue, one_op)
