@@ -19,7 +19,9 @@ class Throughput(L.Callback):
     excluding validation) every ``log_every_n_steps`` and keeps run totals for benchmarks.
 
     On a GPU the clock is read after a ``torch.cuda.synchronize`` only at logging points, so the
-    step itself stays free of host-device syncs.
+    step itself stays free of host-device syncs. A window opens at the first training batch after
+    a start, a validation or a resume (Lightning runs no ``on_train_epoch_start`` when it resumes
+    mid-epoch), so it never spans time spent outside training steps.
     """
 
     def __init__(self, log_every_n_steps: int = 50) -> None:
@@ -28,7 +30,6 @@ class Throughput(L.Callback):
         self.seconds = 0.0
         self._window_images = 0
         self._window_start: float | None = None
-        self._epoch_start: float | None = None
 
     @staticmethod
     def _now(pl_module: L.LightningModule) -> float:
@@ -36,9 +37,11 @@ class Throughput(L.Callback):
             torch.cuda.synchronize(pl_module.device)
         return time.perf_counter()
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._window_start = self._epoch_start = self._now(pl_module)
-        self._window_images = 0
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, i: int
+    ) -> None:
+        if self._window_start is None:
+            self._window_start, self._window_images = self._now(pl_module), 0
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
@@ -52,24 +55,19 @@ class Throughput(L.Callback):
             self.seconds += now - self._window_start
             self._window_start, self._window_images = now, 0
 
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or self._window_start is None:
-            return
-        now = self._now(pl_module)
-        self.images += self._window_images
-        self.seconds += now - self._window_start
-        self._window_images, self._window_start = 0, None
+    def _close_window(self, pl_module: L.LightningModule) -> None:
+        """Add the open window (if any) to the run totals."""
+        if self._window_start is not None:
+            self.images += self._window_images
+            self.seconds += self._now(pl_module) - self._window_start
+            self._window_images, self._window_start = 0, None
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking and trainer.training:
-            self._window_start = self._now(pl_module)
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._close_window(pl_module)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._window_start is not None:
-            now = self._now(pl_module)
-            self.images += self._window_images
-            self.seconds += now - self._window_start
-            self._window_images, self._window_start = 0, None
+        self._close_window(pl_module)
 
     @property
     def images_per_sec(self) -> float:
