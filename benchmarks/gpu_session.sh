@@ -26,7 +26,7 @@ fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 # a call may run 10 minutes: a 200-epoch run still going at BUDGET_MIN is stopped and reported
-# with the step it reached and its pace (its metrics.csv comes back under $OUT either way)
+# with the step it reached and its pace (its metrics.csv is copied beside the tables under $OUT either way)
 speedrun=(python3 benchmarks/speedrun.py --data "$DATA" --out "$RESULTS" --budget-min "${BUDGET_MIN:-9}")
 case "$STEP" in
   speedrun) "${speedrun[@]}" --channels-last ;;

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import torch
 import yaml
+
+from sslzoo.runs import versions
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "cifar10" / "simclr.yaml"
@@ -115,11 +118,11 @@ def main() -> None:
     speed = ["fast"] if args.fast else ["cl"] if args.channels_last else []
     name = args.name or "-".join(["pil" if args.pil else "device", args.precision, *speed])
     out = Path(args.out)
-    run_dir = out / "runs" / f"speedrun-{name}"
+    root = out / "runs" / f"speedrun-{name}"
     command = [
         sys.executable, "-m", "sslzoo", "fit", "--config", str(CONFIG),
         "--data.root", args.data, "--trainer.precision", args.precision,
-        "--trainer.default_root_dir", str(run_dir), "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
     command += ["--data.device_augment", "false" if args.pil else "true"]
     if args.fast or args.channels_last:
@@ -131,7 +134,10 @@ def main() -> None:
     budget_s = args.budget_min * 60 if args.budget_min else None
     seconds, finished = run_with_budget(command, budget_s)
     minutes = seconds / 60
+    run_dir = (versions(root) or [root])[-1]  # this run's version_N
     run = read_run(run_dir)
+    if (run_dir / "metrics.csv").is_file():  # beside the tables, where a copy of them is kept
+        shutil.copy(run_dir / "metrics.csv", out / f"speedrun-{name}.metrics.csv")
     epochs = max_epochs(args.overrides)
     result = {"name": name, "wall_minutes": round(minutes, 2), "finished": finished, **run}
     result["epochs"] = epochs

@@ -16,6 +16,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 
 from sslzoo.datamodules import SSLDataModule
 from sslzoo.methods import SSLMethod
+from sslzoo.runs import LAST, PREVIOUS
 
 
 def partial_path(path: str | os.PathLike) -> Path:
@@ -25,13 +26,19 @@ def partial_path(path: str | os.PathLike) -> Path:
     return path.with_name(f".{path.name}.partial")
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+def write_atomic(
+    path: str | os.PathLike,
+    write: Callable[[IO[bytes]], None],
+    keep: str | os.PathLike | None = None,
+) -> None:
     """Write a file so that ``path`` only ever holds a complete version.
 
     ``write`` fills a temporary file in the same directory, which is flushed, fsynced and then
     renamed over ``path`` (``os.replace``, atomic on POSIX and Windows); the directory is fsynced
     so the rename survives a power loss. A process killed at any point leaves either the old
     file or the new one, plus at worst a stale ``.partial`` file that the next write replaces.
+    With ``keep``, the version being replaced stays there (a hard link where the file system
+    has them, so ``path`` never goes missing), a fallback should the new one later be damaged.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,6 +48,8 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if keep is not None and path.is_file():
+            _keep_copy(path, Path(keep))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -53,10 +62,24 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             os.close(fd)
 
 
+def _keep_copy(path: Path, keep: Path) -> None:
+    """Make ``keep`` the current version of ``path`` without copying its bytes."""
+    link = partial_path(keep)
+    link.unlink(missing_ok=True)
+    try:
+        os.link(path, link)
+    except OSError:  # no hard links here: move it; the caller's rename follows at once
+        os.replace(path, keep)
+        return
+    os.replace(link, keep)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's ``torch.save`` checkpoint IO, with local files written by
-    :func:`write_atomic`: a run killed while saving keeps its previous ``last.ckpt`` intact.
-    Remote paths (``s3://``...) use Lightning's own transactional write.
+    :func:`write_atomic`: a run killed while saving keeps its previous ``last.ckpt`` intact, and
+    each new ``last.ckpt`` keeps the one it replaces as ``previous.ckpt`` beside it (a resume
+    falls back to it if ``last.ckpt`` turns out unreadable, see :mod:`sslzoo.runs`). Remote
+    paths (``s3://``...) use Lightning's own transactional write.
 
     With ``background`` (the default), a save copies the checkpoint's tensors to host memory
     and returns; a worker thread serialises, writes and fsyncs the file while training goes on.
@@ -79,14 +102,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
+        keep = Path(path).with_name(PREVIOUS) if Path(path).name == LAST else None
         if not self.background or self._torn_down:
-            write_atomic(path, lambda f: torch.save(checkpoint, f))
+            write_atomic(path, lambda f: torch.save(checkpoint, f), keep)
             return
         # a point-in-time copy: training goes on updating the originals
         snapshot = apply_to_collection(checkpoint, torch.Tensor, _host_copy)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
-        self._pending = self._executor.submit(write_atomic, path, lambda f: torch.save(snapshot, f))
+        self._pending = self._executor.submit(
+            write_atomic, path, lambda f: torch.save(snapshot, f), keep
+        )
 
     def wait(self) -> None:
         """Block until the write in flight (if any) is on disk; raise its error if it failed."""

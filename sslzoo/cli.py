@@ -1,9 +1,10 @@
 """Command line: ``sslzoo fit|validate|test --config ...`` (LightningCLI), and ``sslzoo
 quickstart``, ``sslzoo eval knn|linear``, ``sslzoo export``, ``sslzoo report``.
 
-Runs log to ``trainer.default_root_dir`` (``runs/<method>_<data>`` unless set): TensorBoard
-events, ``metrics.csv``, ``config.yaml`` and ``checkpoints/last.ckpt``, so
-``--ckpt_path last`` resumes the run in place. ``last.ckpt`` is written at each epoch's end and,
+Each ``fit`` writes into a new ``version_N`` folder under ``trainer.default_root_dir``
+(``runs/<method>_<data>`` unless set): TensorBoard events, ``metrics.csv``, ``config.yaml`` and
+``checkpoints/last.ckpt``; ``--ckpt_path last`` continues the newest version in place, its
+history too (see :mod:`sslzoo.runs`). ``last.ckpt`` is written at each epoch's end and,
 with ``--checkpoint_every_n_steps N``, every N optimizer steps too; always atomically (a kill
 while saving leaves the previous one intact) and in a background thread. A run resumed from a
 mid-epoch checkpoint continues with the batches, augmentations and random draws an
@@ -12,23 +13,28 @@ uninterrupted run would have used.
 
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
 import sslzoo.datamodules as datamodules
 import sslzoo.methods as methods
 from sslzoo.callbacks.batch_seed import BatchSeed
+from sslzoo.callbacks.log_flush import FlushLogs
 from sslzoo.callbacks.throughput import Throughput
 from sslzoo.checkpoints import AtomicCheckpointIO
+from sslzoo.cli_errors import exact_names, parser_logger, summarize, unrecognized
 from sslzoo.datamodules import SSLDataModule
+from sslzoo.errors import UserError, warn_user
 from sslzoo.methods import SSLMethod
+from sslzoo.runs import RunPlan, plan_run, run_loggers
 
 METHODS = sorted(n for n in methods.__all__ if n != "SSLMethod")
 DATAMODULES = sorted(n for n in datamodules.__all__ if n != "SSLDataModule")
@@ -74,6 +80,23 @@ def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
+class SSLZooArgumentParser(LightningArgumentParser):
+    """Lightning's parser with errors that come first and short: what was wrong, a "did you
+    mean", the valid method or datamodule names; no usage text above them."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:  # a parser used inside another one: let it handle this
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        short = summarize(message, {"model": METHODS, "data": DATAMODULES})
+        short = unrecognized(short, parser._option_string_actions)
+        if parser is self and "subcommand" in short:
+            short += f" (or one of {', '.join(EXTRA_COMMANDS)})"
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"error: {short}\n`{prog} --help` lists every option.\n")
+        self.exit(2)
+
+
 class SSLZooCLI(LightningCLI):
     """LightningCLI with ``--model`` and ``--data`` in subclass mode, sslzoo's run layout and
     resumable checkpoints, and errors that list the valid method and dataset names.
@@ -85,6 +108,11 @@ class SSLZooCLI(LightningCLI):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._parser_logger, self._dropped = parser_logger()
+        kwargs.setdefault("parser_class", SSLZooArgumentParser)
+        # "fit": {} keeps prog and description to the main parser
+        main_parser = {"prog": "sslzoo", "description": DESCRIPTION, "fit": {}}
+        kwargs.setdefault("parser_kwargs", main_parser)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -103,45 +131,47 @@ class SSLZooCLI(LightningCLI):
     def _run_config(self) -> Any:
         return self.config.get(self.subcommand, self.config) if self.subcommand else self.config
 
-    def parse_arguments(self, parser: Any, args: Any) -> None:
-        try:
-            super().parse_arguments(parser, args)
-        except SystemExit:
-            argv = list(args) if isinstance(args, list | tuple) else sys.argv[1:]
-            self._explain_names(argv)
-            raise
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        kwargs.setdefault("logger", self._parser_logger)
+        return super().init_parser(**kwargs)
 
-    @staticmethod
-    def _explain_names(argv: list[str]) -> None:
-        """After a parse error, say which method or datamodule names exist."""
-        for flag, valid in (("--model", METHODS), ("--data", DATAMODULES)):
-            for i, arg in enumerate(argv):
-                value = None
-                if arg == flag and i + 1 < len(argv):
-                    value = argv[i + 1]
-                elif arg.startswith(flag + "="):
-                    value = arg.split("=", 1)[1]
-                if value and not value.startswith("{") and value.rsplit(".", 1)[-1] not in valid:
-                    print(
-                        f"error: unknown {flag[2:]} {value!r}; valid names: {', '.join(valid)}",
-                        file=sys.stderr,
-                    )
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        if args is None or isinstance(args, list | tuple):
+            given = list(sys.argv[1:] if args is None else args)
+            exact = exact_names(given, {"--model": METHODS, "--data": DATAMODULES})
+            args = exact if exact != given else args
+        with warnings.catch_warnings():  # args given in place of sys.argv: the names respelled
+            warnings.filterwarnings("ignore", message=".*args parameter is intended")
+            super().parse_arguments(parser, args)
+        for message in self._dropped.messages(bases=("SSLMethod", "SSLDataModule")):
+            warn_user(message)
 
     def before_instantiate_classes(self) -> None:
+        """Choose the run's ``version_N`` folder under ``default_root_dir`` and, for
+        ``--ckpt_path last``, the checkpoint file to resume (see :func:`sslzoo.runs.plan_run`)."""
         config = self._run_config()
         trainer = config.get("trainer")
-        if trainer is not None and not trainer.get("default_root_dir"):
+        self.run_plan: RunPlan | None = None
+        if trainer is None:
+            return
+        root = trainer.get("default_root_dir")
+        if not root:
             method = (_class_name(config.get("model")) or "run").lower()
             data = (_class_name(config.get("data")) or "data").replace("DataModule", "").lower()
-            trainer["default_root_dir"] = str(Path("runs") / f"{method}_{data}")
+            root = str(Path("runs") / f"{method}_{data}")
+        fitting = self.subcommand == "fit"
+        self.run_plan = plan_run(root, config.get("ckpt_path"), resume=fitting)
+        trainer["default_root_dir"] = str(self.run_plan.directory)
+        if fitting:
+            config["ckpt_path"] = self.run_plan.ckpt_path
+        if self.run_plan.resumes:  # of course its checkpoints folder is not empty
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* not empty")
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Trainer:
         root = config.get("default_root_dir") or "runs/default"
         if config.get("logger") in (None, True):
-            config["logger"] = [
-                TensorBoardLogger(root, name="", version=""),
-                CSVLogger(root, name="", version=""),
-            ]
+            resumes = self.run_plan is not None and self.run_plan.resumes
+            config["logger"] = run_loggers(Path(root), resumes)
         configured = _as_list(config.get("callbacks")) + list(callbacks)
         every = self._run_config().get("checkpoint_every_n_steps")
         if config.get("enable_checkpointing", True) is not False and not any(
@@ -155,6 +185,8 @@ class SSLZooCLI(LightningCLI):
             )
         if not any(isinstance(c, BatchSeed) for c in configured):
             callbacks = [BatchSeed(), *callbacks]
+        if not any(isinstance(c, FlushLogs) for c in configured):
+            callbacks = [*callbacks, FlushLogs()]
         if not any(isinstance(c, Throughput) for c in configured):
             log_every = config.get("log_every_n_steps") or 50  # Lightning's default
             callbacks = [*callbacks, Throughput(log_every_n_steps=log_every)]
@@ -171,23 +203,37 @@ class SSLZooCLI(LightningCLI):
 
 
 EXTRA_COMMANDS = {
-    "quickstart": ("sslzoo.quickstart", "main"),
-    "eval": ("sslzoo.eval", "run"),
-    "export": ("sslzoo.export", "main"),
-    "report": ("sslzoo.report", "main"),
+    "quickstart": ("sslzoo.quickstart", "main", "train on the offline digits, compare"),
+    "eval": ("sslzoo.eval", "run", "kNN / linear probe of a checkpoint's backbone"),
+    "export": ("sslzoo.export", "main", "write a checkpoint's backbone for plain timm/torchvision"),
+    "report": ("sslzoo.report", "main", "plot kNN, probe and loss curves of runs"),
 }
+DESCRIPTION = (
+    "Self-supervised pretraining of vision backbones. Train with the LightningCLI commands "
+    "below (sslzoo fit --config CONFIG); sslzoo also has: "
+    + "; ".join(f"sslzoo {name} ({about})" for name, (_, _, about) in EXTRA_COMMANDS.items())
+    + ". Each takes --help."
+)
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``sslzoo`` command."""
+    """Entry point of the ``sslzoo`` command. Errors in what the user gave
+    (:class:`~sslzoo.errors.UserError`) print their message, not a traceback (set
+    ``SSLZOO_DEBUG=1`` for it), and exit with status 1."""
     argv = sys.argv[1:] if args is None else args
-    if argv and argv[0] in EXTRA_COMMANDS:
-        import importlib
+    try:
+        if argv and argv[0] in EXTRA_COMMANDS:
+            import importlib
 
-        module, function = EXTRA_COMMANDS[argv[0]]
-        getattr(importlib.import_module(module), function)(argv[1:])
-        return
-    SSLZooCLI(args=args)
+            module, function, _ = EXTRA_COMMANDS[argv[0]]
+            getattr(importlib.import_module(module), function)(argv[1:])
+            return
+        SSLZooCLI(args=args)
+    except UserError as error:
+        if os.environ.get("SSLZOO_DEBUG"):
+            raise
+        sys.stderr.write(f"error: {error}\n")
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

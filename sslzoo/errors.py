@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import sys
+
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+
 
 class UserError(Exception):
     """The input is wrong, not the code; the message says what to change."""
@@ -22,3 +26,10 @@ class MissingDataError(UserError, FileNotFoundError):
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used: unreadable, not written by sslzoo, or unsafe."""
+
+
+@rank_zero_only
+def warn_user(message: str) -> None:
+    """Print ``warning: message`` on the first process only (not Python's warning format with
+    a source line: this is about the user's input, not the code)."""
+    sys.stderr.write(f"warning: {message}\n")

@@ -57,7 +57,11 @@ def test_speedrun_runs_the_simclr_config_and_reads_its_knn(cifar_root: str, tmp_
     assert r["steps_per_epoch"] == 4 and r["last_step"] == 7
     row = (tmp_path / "speedrun-device-32-true-cl.md").read_text().splitlines()[-1]
     assert row.startswith("| device-32-true-cl |") and f"{r['knn_last']:.4f} (1)" in row
-    config = (tmp_path / "runs" / "speedrun-device-32-true-cl" / "config.yaml").read_text()
+    run_dir = tmp_path / "runs" / "speedrun-device-32-true-cl" / "version_0"
+    config = (run_dir / "config.yaml").read_text()
+    assert (tmp_path / "speedrun-device-32-true-cl.metrics.csv").read_text() == (
+        run_dir / "metrics.csv"
+    ).read_text()
     assert "sslzoo.callbacks.ChannelsLast" in config and "device_augment: true" in config
 
 

@@ -44,14 +44,83 @@ def test_unknown_data_lists_valid_names(capsys: pytest.CaptureFixture) -> None:
     assert "unknown data 'Cifar10'" in err and "CIFAR10DataModule" in err
 
 
-def test_missing_cifar_root_is_named(tmp_path: Path) -> None:
+def test_missing_data_prints_the_message_not_a_traceback(
+    capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
     config = REPO / "configs" / "cifar10" / "simclr.yaml"
     missing = tmp_path / "no-cifar-here"
-    with pytest.raises(FileNotFoundError, match="no-cifar-here"):
-        SSLZooCLI(
-            args=["fit", "--config", str(config), "--data.root", str(missing),
-                  "--trainer.default_root_dir", str(tmp_path / "run")]
-        )  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(config), "--data.root", str(missing),
+              "--trainer.default_root_dir", str(tmp_path / "run")])  # fmt: skip
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no-cifar-here" in err and "--data.root" in err
+    assert "Traceback" not in err
+
+
+USER_METHOD = """
+from sslzoo.methods import SimCLR
+
+
+class MySimCLR(SimCLR):
+    \"\"\"SimCLR with one more knob.\"\"\"
+
+    def __init__(self, extra_weight: float = 0.1, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.extra_weight = extra_weight
+"""
+
+
+@pytest.fixture
+def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A method subclass in a file outside the package, importable as ``myidea``."""
+    (tmp_path / "myidea.py").write_text(USER_METHOD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "myidea.MySimCLR"
+
+
+@pytest.mark.parametrize(
+    ("typo", "expected"),
+    [
+        (
+            "--model.temperatur",
+            "MySimCLR has no argument 'temperatur'; did you mean 'temperature'?",
+        ),
+        (
+            "--model.extra_weigh",
+            "MySimCLR has no argument 'extra_weigh'; did you mean 'extra_weight'?",
+        ),
+    ],
+)
+def test_a_misspelled_key_of_a_user_subclass_is_named_first(
+    user_module: str, typo: str, expected: str, capsys: pytest.CaptureFixture
+) -> None:
+    config = REPO / "configs" / "quickstart" / "simclr.yaml"
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(config), "--model", user_module, typo, "0.3"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == f"error: --model: {expected}"
+    assert "unknown model" not in err and "usage:" not in err and len(err.splitlines()) == 2
+
+
+def test_an_unknown_option_suggests_the_closest(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit", "--model", "SimCLR", "--data", "DigitsDataModule", "--trainr.max_epochs", "3"])
+    err = capsys.readouterr().err
+    assert err.startswith("error: unrecognized arguments: --trainr.max_epochs 3")
+    assert "did you mean '--trainer.max_epochs'" in err
+
+
+def test_names_match_in_any_case_and_a_changed_class_says_what_it_dropped(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    cli = quickstart_cli(tmp_path, "--model", "simsiam", "--data", "digitsdatamodule")
+    assert type(cli.model).__name__ == "SimSiam"
+    err = capsys.readouterr().err
+    # the quickstart config's BYOL arguments that SimSiam has no use for
+    assert "SimSiam replaces the config's BYOL" in err and "ema_momentum" in err
+    assert "DigitsDataModule replaces" not in err  # same class: nothing dropped
 
 
 def test_python_dash_m_works() -> None:
@@ -77,7 +146,7 @@ def test_default_checkpoints_every_n_steps_atomic_with_batch_seeds(tmp_path: Pat
     triggers = sorted((c._every_n_train_steps, c._every_n_epochs) for c in checkpoints)
     assert triggers == [(0, 1), (5, 0)]
     assert {c.save_top_k for c in checkpoints if c._every_n_train_steps} == {0}
-    assert all(Path(c.dirpath) == tmp_path / "checkpoints" for c in checkpoints)
+    assert all(Path(c.dirpath) == tmp_path / "version_0" / "checkpoints" for c in checkpoints)
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     assert sum(isinstance(c, BatchSeed) for c in cli.trainer.callbacks) == 1
     (throughput,) = [c for c in cli.trainer.callbacks if isinstance(c, Throughput)]
@@ -108,17 +177,19 @@ class LastCheckpointEpochs(L.Callback):
 
 def test_last_checkpoint_at_every_epoch_end_between_validations(tmp_path: Path) -> None:
     """Validation every 5 epochs (as in the configs) must not thin out the checkpoints: each
-    epoch's end writes last.ckpt, and it is the only file kept."""
+    epoch's end writes last.ckpt, keeping the one it replaces as previous.ckpt."""
     cli = quickstart_cli(
         tmp_path, "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "2",
         "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
     )  # fmt: skip
     assert cli.trainer.check_val_every_n_epoch == 5
-    probe = LastCheckpointEpochs(tmp_path / "checkpoints" / "last.ckpt")
+    probe = LastCheckpointEpochs(tmp_path / "version_0" / "checkpoints" / "last.ckpt")
     cli.trainer.callbacks.append(probe)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert probe.seen == [None, (0, 2), (1, 4)]
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["last.ckpt"]
+    checkpoints = tmp_path / "version_0" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "previous.ckpt"]
+    assert torch.load(checkpoints / "previous.ckpt", weights_only=True)["global_step"] == 4
 
 
 def test_every_n_steps_needs_the_default_checkpoints(tmp_path: Path) -> None:
@@ -135,5 +206,5 @@ def test_runs_log_images_per_second(tmp_path: Path) -> None:
     )  # fmt: skip
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert float(cli.trainer.callback_metrics["perf/images_per_sec"]) > 0
-    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    header = (tmp_path / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "perf/images_per_sec" in header

@@ -214,7 +214,7 @@ def kill_and_resume(
     full = start(full_cfg, tmp_path / "full.log")
     killed = start(killed_cfg, tmp_path / "killed.log")
     assert finish(killed, tmp_path / "killed.log") == -signal.SIGKILL
-    last = killed_root / "checkpoints" / "last.ckpt"
+    last = killed_root / "version_0" / "checkpoints" / "last.ckpt"
     left = load(last)  # loads with weights_only=True: not corrupt
     assert left["global_step"] == resumes_from
     if kill.get("kill_in_save_at") is not None:
@@ -226,7 +226,7 @@ def kill_and_resume(
     assert finish(full, tmp_path / "full.log") == 0
     assert finish(resumed, tmp_path / "resume.log") == 0
     assert int(record.read_text()) == resumes_from  # it did resume, from the mid-epoch step
-    final_full = load(tmp_path / "full" / "checkpoints" / "last.ckpt")
+    final_full = load(tmp_path / "full" / "version_0" / "checkpoints" / "last.ckpt")
     final_resumed = load(last)
     assert final_full["global_step"] == final_resumed["global_step"] == STEPS
     return final_full, final_resumed, left
@@ -260,7 +260,8 @@ def test_swav_killed_while_saving_keeps_last_and_resumes_exactly(tmp_path: Path)
         tmp_path, SWAV, num_workers=0, resumes_from=3, kill_in_save_at=6
     )
     # the resumed run's own writes replaced the stale partial file
-    assert not partial_path(tmp_path / "killed" / "checkpoints" / "last.ckpt").exists()
+    last = tmp_path / "killed" / "version_0" / "checkpoints" / "last.ckpt"
+    assert not partial_path(last).exists()
     assert left["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
         {"epoch": 0, "batches": 3}
     ]

@@ -55,12 +55,12 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     first.trainer.callbacks.append(StopAfter(2))
     first.trainer.fit(first.model, datamodule=first.datamodule)
     assert first.trainer.global_step == 8
-    last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    last = tmp_path / "resumed" / "version_0" / "checkpoints" / "last.ckpt"
     assert last.is_file()
     torch.load(last, weights_only=True)  # no pickled objects in the checkpoint
 
     second = build(tmp_path / "resumed")
-    second.trainer.fit(second.model, datamodule=second.datamodule, ckpt_path="last")
+    second.trainer.fit(second.model, datamodule=second.datamodule, ckpt_path=str(last))
 
     assert second.trainer.global_step == full.trainer.global_step == 12
     a, b = full.model.state_dict(), second.model.state_dict()
