@@ -8,6 +8,8 @@ import csv
 from collections import defaultdict
 from pathlib import Path
 
+from sslzoo.runs import VERSION, versions
+
 PANELS = (
     ("knn/val_top1", "kNN top-1 (val)"),
     ("probe/val_top1", "online probe top-1 (val)"),
@@ -15,10 +17,25 @@ PANELS = (
 )
 
 
+def run_folder(run_dir: str | Path) -> Path:
+    """The folder holding a run's ``metrics.csv``: ``run_dir`` itself, or the newest
+    ``version_N`` in it (``runs/simclr_cifar10`` means its latest run)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.csv").is_file() and versions(run_dir):
+        return versions(run_dir)[-1]
+    return run_dir
+
+
+def run_label(run_dir: str | Path) -> str:
+    """``simclr_cifar10/version_1`` for a version folder, else the folder's name."""
+    folder = run_folder(run_dir).resolve()
+    return f"{folder.parent.name}/{folder.name}" if VERSION.match(folder.name) else folder.name
+
+
 def read_metrics(run_dir: str | Path) -> dict[str, list[tuple[float, float]]]:
     """metric -> [(epoch, value)], from a run's ``metrics.csv``; per-step values are averaged
     per epoch."""
-    path = Path(run_dir) / "metrics.csv"
+    path = run_folder(run_dir) / "metrics.csv"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.csv in {str(run_dir)!r} (is it an sslzoo run dir?)")
     sums: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -46,7 +63,7 @@ def make_figure(run_dirs: list[str]):
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4))
     for run in run_dirs:
         metrics = read_metrics(run)
-        label = Path(run).resolve().name
+        label = run_label(run)
         for ax, (name, _) in zip(axes, PANELS, strict=True):
             if name in metrics:
                 epochs, values = zip(*metrics[name], strict=True)
@@ -73,7 +90,9 @@ def plot_runs(run_dirs: list[str], out: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sslzoo report", description=__doc__)
-    parser.add_argument("runs", nargs="+", help="run directories (trainer.default_root_dir)")
+    parser.add_argument(
+        "runs", nargs="+", help="run folders (version_N, or a root: its newest version)"
+    )
     parser.add_argument("--out", default="report.png", help="PNG to write")
     args = parser.parse_args(argv)
     print(f"wrote {plot_runs(args.runs, args.out)}")

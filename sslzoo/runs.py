@@ -93,8 +93,9 @@ def plan_run(root: str | os.PathLike, ckpt_path: str | None, resume: bool = True
     """Choose the run directory under ``root`` and the checkpoint to restore.
 
     ``ckpt_path``: None starts ``root/version_<next>``; ``"last"`` continues the newest version
-    holding a checkpoint (a new version if none does); a file inside ``DIR/checkpoints/``
-    continues ``DIR``, any other file starts a new version from it. Without ``resume``
+    (a new one if it has no checkpoint: an older version is another run); a file inside
+    ``DIR/checkpoints/`` continues ``DIR``, any other file starts a new version from it (a run
+    of its own, starting from those weights and that state). Without ``resume``
     (validate, test), every run gets a new version. Only rank 0 chooses: the processes it
     launches inherit its choice through ``SSLZOO_RUN_DIR``.
     """
@@ -106,14 +107,15 @@ def plan_run(root: str | os.PathLike, ckpt_path: str | None, resume: bool = True
         directory = next_version(root)
     plan = RunPlan(directory, ckpt_path)
     if resume and ckpt_path == "last":
-        found = [v / "checkpoints" for v in versions(root)]
-        found = [d for d in found if (d / LAST).is_file() or (d / PREVIOUS).is_file()]
+        newest = versions(root)[-1:]
+        found = [v / "checkpoints" / n for v in newest for n in (LAST, PREVIOUS)]
+        found = [p for p in found if p.is_file()]
         if not found:
-            warn_user(f"--ckpt_path last: no checkpoint under {str(root)!r}; starting a new run")
+            where = f"the newest run, {newest[0]}, has" if newest else f"{str(root)!r} holds"
+            warn_user(f"--ckpt_path last: {where} no checkpoint; starting a new run")
             plan.ckpt_path = None
         else:
-            last = found[-1] / LAST if (found[-1] / LAST).is_file() else found[-1] / PREVIOUS
-            path = readable_checkpoint(last)
+            path = readable_checkpoint(found[0])
             plan.directory, plan.ckpt_path, plan.resumes = path.parent.parent, str(path), True
     elif resume and ckpt_path is not None and Path(ckpt_path).is_file():
         path = readable_checkpoint(Path(ckpt_path))
