@@ -8,6 +8,7 @@ import csv
 from collections import defaultdict
 from pathlib import Path
 
+from sslzoo.errors import MissingDataError
 from sslzoo.runs import VERSION, versions
 
 PANELS = (
@@ -37,7 +38,10 @@ def read_metrics(run_dir: str | Path) -> dict[str, list[tuple[float, float]]]:
     per epoch."""
     path = run_folder(run_dir) / "metrics.csv"
     if not path.is_file():
-        raise FileNotFoundError(f"no metrics.csv in {str(run_dir)!r} (is it an sslzoo run dir?)")
+        raise MissingDataError(
+            f"no metrics.csv in {str(path.parent)!r}: not an sslzoo run folder, or a run that "
+            "has logged nothing yet (rows come every trainer.log_every_n_steps steps)"
+        )
     sums: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     with open(path) as f:
         for row in csv.DictReader(f):
