@@ -13,8 +13,10 @@ import torchvision
 
 from sslzoo.checkpoints import load_method
 from sslzoo.cli import SSLZooCLI, main
+from sslzoo.datamodules import CIFAR10DataModule, ImageFolderDataModule
 from sslzoo.eval import run as eval_run
 from sslzoo.report import make_figure
+from tests.augment_helpers import cifar_folder
 from tests.conftest import REPO
 
 CONFIG = REPO / "configs" / "quickstart" / "simclr.yaml"
@@ -43,6 +45,18 @@ def fit(root: Path, *overrides: str) -> SSLZooCLI:
 @pytest.fixture(scope="module")
 def timm_run(tmp_path_factory: pytest.TempPathFactory) -> SSLZooCLI:
     return fit(tmp_path_factory.mktemp("timm_run"))
+
+
+def test_datamodules_record_absolute_data_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cifar_folder(tmp_path / "cifar", per_class=1)
+    monkeypatch.chdir(tmp_path)
+    folder = ImageFolderDataModule(train_dir="cifar/train", val_dir="./cifar/test")
+    assert folder.hparams.train_dir == folder.train_dir == str(tmp_path / "cifar" / "train")
+    assert folder.hparams.val_dir == folder.val_dir == str(tmp_path / "cifar" / "test")
+    assert folder.hparams.bank_dir is None and folder.bank_dir == folder.train_dir
+    assert CIFAR10DataModule(root="cifar").hparams.root == str(tmp_path / "cifar")
 
 
 def test_eval_knn_agrees_with_callback(timm_run: SSLZooCLI, tmp_path: Path) -> None:
