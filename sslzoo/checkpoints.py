@@ -120,6 +120,8 @@ def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
 
 
 T = TypeVar("T")
+# the datamodules' arguments that are paths to data (CIFAR's root, ImageFolderDataModule's folders)
+DATA_PATH_ARGUMENTS = ("root", "train_dir", "val_dir", "bank_dir")
 
 
 def _import(class_path: Any, base: type[T], source: str | Path) -> type[T]:
@@ -209,10 +211,26 @@ def load_method(path: str | Path) -> SSLMethod:
     return model.eval()
 
 
-def load_datamodule(path: str | Path, **overrides: Any) -> SSLDataModule:
-    """The datamodule a checkpoint was trained with, with ``overrides`` (e.g. ``root``)."""
+def recorded_datamodule(path: str | Path) -> tuple[type[SSLDataModule], dict[str, Any]] | None:
+    """The datamodule class a checkpoint was trained with and its arguments; None if it records
+    none."""
     hparams = read_checkpoint(path).get("datamodule_hyper_parameters") or {}
     if "_class_path" not in hparams:
-        raise CheckpointError(f"{path}: no datamodule recorded; pass --data to choose one")
-    cls = _import(hparams["_class_path"], SSLDataModule, path)
-    return cls(**{**_init_args(hparams), **overrides})
+        return None
+    return _import(hparams["_class_path"], SSLDataModule, path), _init_args(hparams)
+
+
+def check_data_paths(path: str | Path, recorded: dict[str, Any], used: dict[str, Any]) -> None:
+    """Refuse a data path that a checkpoint recorded relative to the directory its run started
+    in (sslzoo before absolute paths) and that is not there from the current directory."""
+    for key in DATA_PATH_ARGUMENTS:
+        value = used.get(key)
+        if not isinstance(value, str) or value != recorded.get(key):
+            continue  # none, or the user's own
+        relative = Path(value).expanduser()
+        if not relative.is_absolute() and not relative.exists():
+            raise MissingDataError(
+                f"{path} records {key}={value!r}, a path relative to the directory its run was "
+                f"started in, and {value!r} does not exist from {Path.cwd()}; pass "
+                f"--data.{key} with the data's path"
+            )
