@@ -6,17 +6,21 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import safetensors.torch
 import timm
 import torch
 import torchvision
+import torchvision.transforms as T
+from PIL import Image
 
 from sslzoo.checkpoints import load_method
 from sslzoo.cli import SSLZooCLI, main
 from sslzoo.datamodules import CIFAR10DataModule, ImageFolderDataModule
 from sslzoo.errors import MissingDataError
 from sslzoo.eval import run as eval_run
+from sslzoo.export import export_backbone
 from sslzoo.report import make_figure
 from tests.augment_helpers import cifar_folder
 from tests.conftest import REPO
@@ -177,6 +181,27 @@ def test_export_loads_into_plain_models(backbone: str, timm_run: SSLZooCLI, tmp_
     assert model(x).shape[1] == spec["num_features"]
 
 
+@pytest.mark.parametrize("run", ["timm_run", "cifar_run"])
+def test_export_spec_reproduces_the_eval_transform(
+    run: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    cli = request.getfixturevalue(run)
+    main(["export", "--ckpt", str(last_ckpt(cli)), "--out", str(tmp_path)])
+    spec = json.loads((tmp_path / "backbone.json").read_text())
+    # as the export docstring says
+    preprocess = T.Compose([
+        T.Resize(spec["resize"], interpolation=T.InterpolationMode(spec["interpolation"])),
+        T.CenterCrop(spec["image_size"]),
+        T.ToTensor(),
+        T.Normalize(spec["mean"], spec["std"]),
+    ])  # fmt: skip
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 52, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    expected = cli.datamodule.eval_transform()(image)
+    assert expected.shape[-1] == spec["image_size"]
+    assert torch.allclose(preprocess(image), expected)
+
+
 def test_report_draws_one_line_per_run(timm_run: SSLZooCLI, tmp_path: Path) -> None:
     other = fit(tmp_path / "second", "--seed_everything", "1")
     runs = [timm_run.trainer.default_root_dir, other.trainer.default_root_dir]
@@ -184,3 +209,19 @@ def test_report_draws_one_line_per_run(timm_run: SSLZooCLI, tmp_path: Path) -> N
     assert all(len(ax.lines) == 2 for ax in fig.axes)
     main(["report", *runs, "--out", str(tmp_path / "r.png")])
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_export_where_the_runs_images_are_not(cifar_run: SSLZooCLI, tmp_path: Path) -> None:
+    """An image-folder run exported on a machine without its folders: the checkpoint's
+    arguments still give the input spec."""
+    ckpt = torch.load(last_ckpt(cifar_run), weights_only=True)
+    gone = str(tmp_path / "gone")
+    ckpt["datamodule_hyper_parameters"] = {
+        "_class_path": "sslzoo.datamodules.ImageFolderDataModule",
+        "train_dir": gone, "val_dir": gone, "image_size": 224, "eval_resize_ratio": 256 / 224,
+        "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.2, 0.2),
+    }  # fmt: skip
+    torch.save(ckpt, tmp_path / "folder.ckpt")
+    spec = export_backbone(tmp_path / "folder.ckpt", tmp_path / "out")
+    assert (spec["image_size"], spec["resize"], spec["interpolation"]) == (224, 256, "bicubic")
+    assert spec["mean"] == [0.5, 0.4, 0.3] and spec["std"] == [0.2, 0.2, 0.2]
