@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import importlib
 import os
+import pickle
+import sys
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning_utilities.core.apply_func import apply_to_collection
 
 from sslzoo.datamodules import SSLDataModule
+from sslzoo.errors import CheckpointError, MissingDataError
 from sslzoo.methods import SSLMethod
 from sslzoo.runs import LAST, PREVIOUS
 
@@ -142,40 +145,118 @@ def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu", copy=True)
 
 
-def _import(class_path: str) -> type:
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
+T = TypeVar("T")
+# the datamodules' arguments that are paths to data (CIFAR's root, ImageFolderDataModule's folders)
+DATA_PATH_ARGUMENTS = ("root", "train_dir", "val_dir", "bank_dir")
 
 
-def _build(hparams: dict[str, Any], overrides: dict[str, Any] | None = None) -> Any:
-    cls = _import(hparams["_class_path"])
-    kwargs = {k: v for k, v in hparams.items() if not k.startswith("_")}
-    kwargs.update(overrides or {})
-    return cls(**kwargs)
+def _import(class_path: Any, base: type[T], source: str | Path) -> type[T]:
+    """The class ``class_path`` names, if it is a subclass of ``base``; a
+    :class:`~sslzoo.errors.CheckpointError` otherwise, before anything is called.
+
+    A checkpoint's hyper-parameters may name anything, so the class is looked up only in
+    sslzoo's modules and in modules already imported: importing any other module runs its code.
+    """
+    module_name, _, name = str(class_path).rpartition(".")
+    module = sys.modules.get(module_name)
+    if module is None and (module_name == "sslzoo" or module_name.startswith("sslzoo.")):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            module = None
+    cls = getattr(module, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise CheckpointError(
+            f"{source}: refusing to build {class_path!r}: from a checkpoint, sslzoo builds only "
+            f"subclasses of {base.__name__} (defined in sslzoo or in a module already imported)"
+        )
+    return cls
+
+
+def _refuse_nested_classes(value: Any, source: str | Path, key: str) -> None:
+    """Refuse a ``class_path`` anywhere inside a hyper-parameter's value: sslzoo's methods and
+    datamodules take none, and a parser handed these values as defaults would build it."""
+    if isinstance(value, dict):
+        if "class_path" in value:
+            raise CheckpointError(
+                f"{source}: refusing to build {value['class_path']!r} named in the argument "
+                f"{key!r}: sslzoo methods and datamodules take no classes as arguments"
+            )
+        items = value.values()
+    elif isinstance(value, list | tuple):
+        items = value
+    else:
+        return
+    for item in items:
+        _refuse_nested_classes(item, source, key)
+
+
+def _init_args(hparams: dict[str, Any]) -> dict[str, Any]:
+    """The constructor arguments among hyper-parameters (Lightning's own keys start with ``_``)."""
+    return {k: v for k, v in hparams.items() if not k.startswith("_")}
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` (no pickled code is executed)."""
+    """Load a checkpoint with ``weights_only=True`` (no pickled code is executed) and check the
+    classes its hyper-parameters name: a method and a datamodule of sslzoo, and no class inside
+    their arguments; anything else is refused before it is imported or called."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise MissingDataError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise CheckpointError(
+            f"{path}: not a checkpoint sslzoo can read (damaged, or holding objects other than "
+            "tensors and plain values)"
+        ) from e
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: not a checkpoint written by `sslzoo fit`")
+    for key, base in (
+        ("hyper_parameters", SSLMethod),
+        ("datamodule_hyper_parameters", SSLDataModule),
+    ):
+        hparams = ckpt.get(key) or {}
+        if not isinstance(hparams, dict):
+            raise CheckpointError(f"{path}: its {key} are not a mapping")
+        if "_class_path" in hparams:
+            _import(hparams["_class_path"], base, path)
+        for name, value in hparams.items():
+            _refuse_nested_classes(value, path, name)
+    return ckpt
 
 
 def load_method(path: str | Path) -> SSLMethod:
     """The trained method of a checkpoint, in eval mode."""
     ckpt = read_checkpoint(path)
-    hparams = ckpt.get("hyper_parameters", {})
+    hparams = ckpt.get("hyper_parameters") or {}
     if "_class_path" not in hparams:
-        raise ValueError(f"{path}: no method class recorded; was it written by `sslzoo fit`?")
-    model = _build(hparams)
+        raise CheckpointError(f"{path}: no method class recorded; was it written by `sslzoo fit`?")
+    model = _import(hparams["_class_path"], SSLMethod, path)(**_init_args(hparams))
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()
 
 
-def load_datamodule(path: str | Path, **overrides: Any) -> SSLDataModule:
-    """The datamodule a checkpoint was trained with, with ``overrides`` (e.g. ``root``)."""
-    hparams = read_checkpoint(path).get("datamodule_hyper_parameters")
-    if not hparams or "_class_path" not in hparams:
-        raise ValueError(f"{path}: no datamodule recorded; pass --data to choose one")
-    return _build(hparams, overrides)
+def recorded_datamodule(path: str | Path) -> tuple[type[SSLDataModule], dict[str, Any]] | None:
+    """The datamodule class a checkpoint was trained with and its arguments; None if it records
+    none."""
+    hparams = read_checkpoint(path).get("datamodule_hyper_parameters") or {}
+    if "_class_path" not in hparams:
+        return None
+    return _import(hparams["_class_path"], SSLDataModule, path), _init_args(hparams)
+
+
+def check_data_paths(path: str | Path, recorded: dict[str, Any], used: dict[str, Any]) -> None:
+    """Refuse a data path that a checkpoint recorded relative to the directory its run started
+    in (sslzoo before absolute paths) and that is not there from the current directory."""
+    for key in DATA_PATH_ARGUMENTS:
+        value = used.get(key)
+        if not isinstance(value, str) or value != recorded.get(key):
+            continue  # none, or the user's own
+        relative = Path(value).expanduser()
+        if not relative.is_absolute() and not relative.exists():
+            raise MissingDataError(
+                f"{path} records {key}={value!r}, a path relative to the directory its run was "
+                f"started in, and {value!r} does not exist from {Path.cwd()}; pass "
+                f"--data.{key} with the data's path"
+            )

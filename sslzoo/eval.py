@@ -1,8 +1,13 @@
 """``sslzoo eval knn|linear``: evaluate a pretrained backbone on frozen features.
 
     sslzoo eval knn --ckpt RUN.ckpt                    # the data the run was trained with
-    sslzoo eval knn --ckpt RUN.ckpt --data CIFAR10DataModule --data.root DIR
+    sslzoo eval knn --ckpt RUN.ckpt --data.root DIR    # the run's data settings, found in DIR
+    sslzoo eval knn --ckpt RUN.ckpt --data CIFAR10DataModule --data.root DIR   # other data
     sslzoo eval linear --ckpt RUN.ckpt --epochs 100
+
+Without ``--data``, the run's datamodule is rebuilt with the arguments its checkpoint recorded;
+``--data.KEY VALUE`` replaces one of them. ``--data CLASS`` chooses another datamodule, with its
+own defaults.
 
 kNN: weighted vote on L2-normalised features (DINO protocol k=20 T=0.07, and k=200 T=0.1),
 bank = labeled training images, queries = validation images. Linear: features are extracted
@@ -13,26 +18,33 @@ validation set. Methods with a teacher are evaluated with the teacher (``eval_ba
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from jsonargparse import ArgumentParser
 
-from sslzoo.checkpoints import load_datamodule, load_method
+from sslzoo.checkpoints import check_data_paths, load_method, recorded_datamodule
 from sslzoo.datamodules import SSLDataModule
+from sslzoo.errors import CheckpointError
 from sslzoo.evaluation import extract_features, knn_accuracy, linear_probe_accuracy
 
 
-def _parser() -> ArgumentParser:
+def _parser(data: dict[str, Any] | None = None) -> ArgumentParser:
+    """The ``sslzoo eval`` parser; ``data`` (``class_path`` and ``init_args``) is the default of
+    ``--data``, which ``--data.KEY VALUE`` arguments then override."""
     parser = ArgumentParser(prog="sslzoo eval", description=__doc__)
     commands = parser.add_subcommands(dest="protocol")
     for name in ("knn", "linear"):
         sub = ArgumentParser()
         sub.add_argument("--ckpt", required=True, help="checkpoint written by sslzoo fit")
-        sub.add_subclass_arguments(SSLDataModule, "data", required=False, help="evaluation data")
+        sub.add_subclass_arguments(
+            SSLDataModule, "data", required=False, default=data, help="evaluation data"
+        )
         sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         sub.add_argument("--output", default=None, help="write the result as JSON here")
         if name == "knn":
@@ -70,16 +82,36 @@ def frozen_features(
     return train, val
 
 
+def _recorded_data(argv: list[str]) -> dict[str, Any] | None:
+    """The datamodule (``class_path`` and ``init_args``) recorded in the checkpoint that ``argv``
+    names, unless ``argv`` chooses one itself (``--data CLASS``)."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--ckpt")
+    pre.add_argument("--data")
+    known, _ = pre.parse_known_args(argv)
+    if known.ckpt is None:
+        return None
+    # the file is read and checked before any datamodule is built, the user's own too
+    recorded = recorded_datamodule(known.ckpt)
+    if recorded is None or known.data is not None:
+        return None
+    cls, init_args = recorded
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+
+
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse ``argv``, evaluate, print and return the result."""
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    recorded = _recorded_data(argv)
+    parser = _parser(recorded)
     cfg = parser.parse_args(argv)
     protocol = cfg.protocol
     args = cfg[protocol]
-    if args.data is not None:
-        data = parser.instantiate_classes(cfg)[protocol].data
-    else:
-        data = load_datamodule(args.ckpt)
+    if args.data is None:
+        raise CheckpointError(f"{args.ckpt}: no datamodule recorded; pass --data to choose one")
+    if recorded is not None:
+        check_data_paths(args.ckpt, recorded["init_args"], args.data.init_args.as_dict())
+    data = parser.instantiate_classes(cfg)[protocol].data
     train, val = frozen_features(
         args.ckpt, data, args.device, cache=protocol == "linear" and not args.no_cache
     )

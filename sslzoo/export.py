@@ -1,6 +1,6 @@
 """``sslzoo export --ckpt RUN.ckpt --out DIR``: the evaluation backbone alone, as
 ``backbone.safetensors`` plus ``backbone.json`` saying how to rebuild it with plain timm or
-torchvision (no sslzoo import needed)::
+torchvision and how to prepare images as the run's evaluation did (no sslzoo import needed)::
 
     spec = json.load(open("DIR/backbone.json"))
     if spec["library"] == "timm":
@@ -12,6 +12,18 @@ torchvision (no sslzoo import needed)::
         model.conv1 = torch.nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
         model.maxpool = torch.nn.Identity()
     model.load_state_dict(safetensors.torch.load_file("DIR/backbone.safetensors"))
+    preprocess = T.Compose([  # torchvision.transforms as T
+        T.Resize(spec["resize"], interpolation=T.InterpolationMode(spec["interpolation"])),
+        T.CenterCrop(spec["image_size"]),
+        T.ToTensor(),
+        T.Normalize(spec["mean"], spec["std"]),
+    ])
+    features = model.eval()(preprocess(pil_image).unsqueeze(0))
+
+``resize`` is what the shorter image side is resized to before the centre crop. These input
+values come from the run's datamodule, rebuilt from the checkpoint (the digits load their
+bundled images to compute ``mean`` and ``std``); where it cannot be built (its image folder is
+not on this machine), from the arguments the checkpoint records, null where those lack them.
 """
 
 from __future__ import annotations
@@ -23,26 +35,54 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from sslzoo.checkpoints import load_method, read_checkpoint
+from sslzoo.checkpoints import load_method, recorded_datamodule
+from sslzoo.datamodules import SSLDataModule
+from sslzoo.errors import UserError
+
+INPUT_KEYS = ("image_size", "resize", "interpolation", "mean", "std")
+
+
+def eval_input(ckpt: str | Path) -> dict[str, Any]:
+    """How the run's evaluation transform prepared images (:data:`INPUT_KEYS`), read from its
+    datamodule as the checkpoint records it."""
+    recorded = recorded_datamodule(ckpt)
+    if recorded is None:
+        return dict.fromkeys(INPUT_KEYS)
+    cls, init_args = recorded
+    try:
+        dm = cls(**init_args)
+        values = {k: getattr(dm, k) for k in ("image_size", "eval_resize_ratio", "mean", "std")}
+    except (OSError, UserError):  # its data is not here: the arguments the checkpoint records
+        values = init_args
+    size, ratio = values.get("image_size"), values.get("eval_resize_ratio")
+    # a datamodule with its own evaluation transform may not resize and crop as the base does
+    default = cls.eval_transform is SSLDataModule.eval_transform
+    resized = default and size is not None and ratio is not None
+    return {
+        "image_size": size,
+        "resize": round(size * ratio) if resized else None,
+        "interpolation": "bicubic" if default else None,
+        "mean": None if values.get("mean") is None else [float(m) for m in values["mean"]],
+        "std": None if values.get("std") is None else [float(s) for s in values["std"]],
+    }
 
 
 def export_backbone(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
     """Write the checkpoint's evaluation backbone to ``out``; returns the JSON spec."""
     model = load_method(ckpt)
     backbone = model.eval_backbone
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in backbone.model.state_dict().items()}
-    save_file(tensors, str(out / "backbone.safetensors"))
-    dm = read_checkpoint(ckpt).get("datamodule_hyper_parameters") or {}
     spec = {
         **backbone.spec,
         "num_features": backbone.num_features,
         "method": type(model).__name__,
         "weights": "teacher" if backbone is not model.backbone else "student",
         "source_checkpoint": str(ckpt),
-        "image_size": dm.get("image_size"),
+        **eval_input(ckpt),
     }
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in backbone.model.state_dict().items()}
+    save_file(tensors, str(out / "backbone.safetensors"))
     (out / "backbone.json").write_text(json.dumps(spec, indent=2, default=list))
     return spec
 

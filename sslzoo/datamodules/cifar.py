@@ -65,7 +65,8 @@ class CIFAR10DataModule(SSLDataModule):
         compile_augment: bool = False,
     ) -> None:
         super().__init__(batch_size, num_workers, image_size, 1.0, pin_memory)
-        self.root = root
+        self.root = str(Path(root).expanduser().resolve())
+        self.hparams["root"] = self.root  # checkpoints keep the data's place, whatever the cwd
         self.subset_per_class = subset_per_class
         self.subset_seed = subset_seed
         self.device_augment = device_augment

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sslzoo.datamodules.base import SSLDataModule
 from sslzoo.datamodules.images import ImageFiles, Transform, scan_folder
 
@@ -44,6 +46,10 @@ class ImageFolderDataModule(SSLDataModule):
         super().__init__(batch_size, num_workers, image_size, eval_resize_ratio, pin_memory)
         if bank_dir is None and not train_labeled:
             raise ValueError("an unlabeled train_dir needs a labeled bank_dir for kNN monitoring")
+        train_dir, val_dir = (str(Path(d).expanduser().resolve()) for d in (train_dir, val_dir))
+        bank_dir = str(Path(bank_dir).expanduser().resolve()) if bank_dir else None
+        # checkpoints keep the data's place, whatever the directory a run is evaluated from
+        self.hparams.update(train_dir=train_dir, val_dir=val_dir, bank_dir=bank_dir)
         self.train_dir, self.val_dir, self.bank_dir = train_dir, val_dir, bank_dir or train_dir
         self.train_labeled = train_labeled
         self.mean, self.std = mean, std
