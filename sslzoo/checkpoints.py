@@ -166,11 +166,31 @@ def _import(class_path: Any, base: type[T], source: str | Path) -> type[T]:
             module = None
     cls = getattr(module, name, None)
     if not (isinstance(cls, type) and issubclass(cls, base)):
+        hint = ""
+        if module is None and module_name:
+            hint = f"; if {module_name!r} is your own code, pass --import_module {module_name}"
         raise CheckpointError(
             f"{source}: refusing to build {class_path!r}: from a checkpoint, sslzoo builds only "
             f"subclasses of {base.__name__} (defined in sslzoo or in a module already imported)"
+            + hint
         )
     return cls
+
+
+IMPORT_HELP = (
+    "comma-separated modules of your own to import first, for a run of a method defined in "
+    "them (a checkpoint may name only sslzoo's classes or those of modules already imported)"
+)
+
+
+def import_trusted(modules: str | None) -> None:
+    """Import the comma-separated ``modules`` the user trusts (their own methods), so that a
+    checkpoint naming a class in them can be built."""
+    for name in filter(None, (m.strip() for m in (modules or "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise MissingDataError(f"--import_module {name}: {error}") from error
 
 
 def _refuse_nested_classes(value: Any, source: str | Path, key: str) -> None:

@@ -229,11 +229,24 @@ def main(args: list[str] | None = None) -> None:
             getattr(importlib.import_module(module), function)(argv[1:])
             return
         SSLZooCLI(args=args)
-    except UserError as error:
-        if os.environ.get("SSLZOO_DEBUG"):
+    except Exception as error:
+        cause = user_error(error)
+        if cause is None or os.environ.get("SSLZOO_DEBUG"):
             raise
-        sys.stderr.write(f"error: {error}\n")
+        sys.stderr.write(f"error: {cause}\n")
         raise SystemExit(1) from None
+
+
+def user_error(error: BaseException) -> UserError | None:
+    """The :class:`~sslzoo.errors.UserError` behind ``error``, if any: the parser wraps errors
+    raised while it builds a class (a datamodule's missing folder) in its own."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UserError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 if __name__ == "__main__":

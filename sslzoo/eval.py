@@ -28,7 +28,13 @@ from typing import Any
 import torch
 from jsonargparse import ArgumentParser
 
-from sslzoo.checkpoints import check_data_paths, load_method, recorded_datamodule
+from sslzoo.checkpoints import (
+    IMPORT_HELP,
+    check_data_paths,
+    import_trusted,
+    load_method,
+    recorded_datamodule,
+)
 from sslzoo.datamodules import SSLDataModule
 from sslzoo.errors import CheckpointError
 from sslzoo.evaluation import extract_features, knn_accuracy, linear_probe_accuracy
@@ -42,6 +48,7 @@ def _parser(data: dict[str, Any] | None = None) -> ArgumentParser:
     for name in ("knn", "linear"):
         sub = ArgumentParser()
         sub.add_argument("--ckpt", required=True, help="checkpoint written by sslzoo fit")
+        sub.add_argument("--import_module", default=None, help=IMPORT_HELP)
         sub.add_subclass_arguments(
             SSLDataModule, "data", required=False, default=data, help="evaluation data"
         )
@@ -88,7 +95,9 @@ def _recorded_data(argv: list[str]) -> dict[str, Any] | None:
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--ckpt")
     pre.add_argument("--data")
+    pre.add_argument("--import_module")
     known, _ = pre.parse_known_args(argv)
+    import_trusted(known.import_module)
     if known.ckpt is None:
         return None
     # the file is read and checked before any datamodule is built, the user's own too

@@ -35,7 +35,7 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from sslzoo.checkpoints import load_method, recorded_datamodule
+from sslzoo.checkpoints import IMPORT_HELP, import_trusted, load_method, recorded_datamodule
 from sslzoo.datamodules import SSLDataModule
 from sslzoo.errors import UserError
 
@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--ckpt", required=True, help="checkpoint written by sslzoo fit")
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--import_module", default=None, help=IMPORT_HELP)
     args = parser.parse_args(argv)
+    import_trusted(args.import_module)
     spec = export_backbone(args.ckpt, args.out)
     print(
         f"exported {spec['method']} {spec['weights']} backbone ({spec['library']} "
