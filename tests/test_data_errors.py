@@ -3,12 +3,16 @@ given once."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from sslzoo.datamodules import CIFAR10DataModule
+from sslzoo.datamodules import CIFAR10DataModule, ImageFolderDataModule
+from sslzoo.datamodules.images import report_skipped
 from sslzoo.errors import DataError
 from sslzoo.methods.simclr import SimCLR
 from tests.augment_helpers import cifar_folder
@@ -18,6 +22,18 @@ from tests.helpers import quiet_trainer
 
 def tiny_simclr() -> SimCLR:
     return SimCLR(**TINY_RESNET, proj_hidden_dim=16, proj_out_dim=8, sync_batchnorm=False)
+
+
+def image_folder(root: Path, sizes: dict[str, list[tuple[int, int]]], mode: str = "RGB") -> Path:
+    """``root/<class>/<i>.png`` with one random image of each (width, height) listed."""
+    rng = np.random.default_rng(0)
+    channels = {"RGB": (3,), "L": ()}[mode]
+    for name, class_sizes in sizes.items():
+        (root / name).mkdir(parents=True)
+        for i, (w, h) in enumerate(class_sizes):
+            pixels = rng.integers(0, 256, (h, w, *channels), dtype=np.uint8)
+            Image.fromarray(pixels, mode).save(root / name / f"{i}.png")
+    return root
 
 
 # ----------------------------------------------- a batch larger than the data
@@ -48,3 +64,37 @@ def test_each_rank_needs_a_full_batch(tmp_path: Path) -> None:
     data.setup("fit")
     data.batch_size = 32  # only training needs full batches
     data.setup("validate")
+
+
+# ---------------------------------------------------------- unreadable images
+
+
+def test_an_unreadable_image_is_reported_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    report = tmp_path / "skipped.txt"
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            report_skipped(str(report), "/data/a.jpg", OSError("truncated\nfile"))
+        report_skipped(str(report), "/data/b.jpg", ValueError("bad"))
+    assert report.read_text().splitlines() == [
+        "/data/a.jpg\tOSError: truncated file",
+        "/data/b.jpg\tValueError: bad",
+    ]
+    assert [r.getMessage().split()[3] for r in caplog.records] == ["/data/a.jpg", "/data/b.jpg"]
+
+
+def test_unreadable_images_are_listed_once_over_epochs_and_workers(tmp_path: Path) -> None:
+    root = image_folder(tmp_path / "images", {"a": [(16, 16)] * 8, "b": [(16, 16)] * 8})
+    bad = sorted(root.rglob("*.png"))[::4]
+    for path in bad:
+        path.write_bytes(path.read_bytes()[:40])  # truncated
+    data = ImageFolderDataModule(
+        str(root), str(root), batch_size=4, num_workers=2, image_size=16, pin_memory=False
+    )
+    trainer = quiet_trainer(
+        max_epochs=2, limit_val_batches=0, default_root_dir=str(tmp_path / "run")
+    )
+    trainer.fit(tiny_simclr(), datamodule=data)
+    lines = (tmp_path / "run" / "skipped_images.txt").read_text().splitlines()
+    assert sorted(line.split("\t")[0] for line in lines) == sorted(map(str, bad))

@@ -15,6 +15,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: appends stay whole lines, only the lock is missing
+    fcntl = None
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -29,11 +34,32 @@ def read_image(path: str | os.PathLike) -> Image.Image:
 
 
 def report_skipped(report_file: str | None, path: str, error: Exception) -> None:
-    """Log an unreadable image and append its path to the run's report file."""
-    log.warning("skipping unreadable image %s (%s)", path, error)
-    if report_file:
-        with open(report_file, "a") as f:
-            f.write(f"{path}\t{type(error).__name__}: {error}\n")
+    """Warn about an unreadable image and list it in the run's report file, once per file.
+
+    Images are read in dataloader workers, started afresh each epoch, so no process remembers
+    what an earlier one reported: the report file is the record. Without one, every skip
+    is warned about."""
+    reason = f"{type(error).__name__}: {error}".replace("\n", " ")
+    if report_file and not append_once(report_file, path, reason):
+        return
+    log.warning("skipping unreadable image %s (%s)", path, reason)
+
+
+def append_once(report_file: str, path: str, reason: str) -> bool:
+    """Append the line ``path<TAB>reason`` to ``report_file`` unless ``path`` is listed there
+    already; True if it was appended.
+
+    An exclusive lock spans the read and the append, so two workers meeting the same file
+    list it once; the line goes out in one ``write`` to a file opened for appending, so lines
+    of concurrent writers never interleave."""
+    with open(report_file, "a+", encoding="utf-8") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file is closed
+        f.seek(0)
+        if any(line.split("\t", 1)[0] == path for line in f.read().splitlines()):
+            return False
+        os.write(f.fileno(), f"{path}\t{reason}\n".encode())
+    return True
 
 
 class ImageFiles(Dataset):
