@@ -98,3 +98,17 @@ def test_unreadable_images_are_listed_once_over_epochs_and_workers(tmp_path: Pat
     trainer.fit(tiny_simclr(), datamodule=data)
     lines = (tmp_path / "run" / "skipped_images.txt").read_text().splitlines()
     assert sorted(line.split("\t")[0] for line in lines) == sorted(map(str, bad))
+
+
+# ----------------------------------- images of different sizes held in memory
+
+
+def test_mixed_image_sizes_name_the_odd_files(tmp_path: Path) -> None:
+    for split in ("train", "test"):
+        image_folder(tmp_path / split, {"a": [(32, 32)] * 4, "b": [(32, 32), (28, 28), (40, 30)]})
+    data = CIFAR10DataModule(str(tmp_path), num_workers=0)
+    with pytest.raises(DataError, match=r"5 of 7 are 32x32 px") as info:
+        data.arrays("train")
+    message = str(info.value)
+    assert f"'{tmp_path / 'train' / 'b' / '1.png'}' (28x28)" in message
+    assert f"'{tmp_path / 'train' / 'b' / '2.png'}' (40x30)" in message

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import tarfile
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
+
+from sslzoo.errors import DataError
 
 try:
     import fcntl
@@ -269,17 +272,40 @@ def decode_to_array(
             for chunk in chunks:
                 decoded += _decode_chunk(chunk)
                 bar.update(len(chunk))
-    images, labels = [], []
-    for (path, label), image in zip(samples, decoded, strict=True):
+    images, labels, kept = [], [], []
+    for path, label, image in zip(paths, (label for _, label in samples), decoded, strict=True):
         if isinstance(image, Exception):
             report_skipped(report_file, path, image)
             continue
         images.append(image)
         labels.append(label)
-    shapes = {im.shape for im in images}
-    if len(shapes) != 1:
-        raise ValueError(f"images differ in size ({sorted(shapes)[:3]}...); cannot stack them")
+        kept.append(path)
+    if not images:
+        folder = os.path.commonpath(paths)
+        raise DataError(f"none of the {len(paths)} images under {folder!r} could be read")
+    shapes = [image.shape for image in images]
+    if len(set(shapes)) != 1:
+        raise DataError(size_mismatch_message(kept, shapes))
     return np.stack(images), np.array(labels, dtype=np.int64)
+
+
+def size_mismatch_message(paths: Sequence[str], shapes: Sequence[tuple[int, ...]]) -> str:
+    """Which files differ in size from the most common one (the first few, with their sizes)."""
+
+    def px(shape: tuple[int, ...]) -> str:
+        return f"{shape[1]}x{shape[0]}"  # (H, W, 3) as width x height
+
+    common, count = Counter(shapes).most_common(1)[0]
+    example = paths[shapes.index(common)]
+    others = [(p, s) for p, s in zip(paths, shapes, strict=True) if s != common]
+    listed = ", ".join(f"{p!r} ({px(s)})" for p, s in others[:5])
+    more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+    return (
+        f"images must all have one size (they are held as one array), but {count} of "
+        f"{len(paths)} are {px(common)} px (e.g. {example!r}) and these differ: {listed}{more}. "
+        f"Resize them to {px(common)}, or train on the folder with ImageFolderDataModule, "
+        "which takes images of any size"
+    )
 
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
