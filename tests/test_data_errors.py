@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from sslzoo.datamodules import CIFAR10DataModule, ImageFolderDataModule
-from sslzoo.datamodules.images import report_skipped
-from sslzoo.errors import DataError
+from sslzoo.datamodules.images import report_skipped, scan_folder
+from sslzoo.errors import DataError, MissingDataError
 from sslzoo.methods.simclr import SimCLR
 from tests.augment_helpers import cifar_folder
 from tests.conftest import TINY_RESNET
@@ -112,3 +112,23 @@ def test_mixed_image_sizes_name_the_odd_files(tmp_path: Path) -> None:
     message = str(info.value)
     assert f"'{tmp_path / 'train' / 'b' / '1.png'}' (28x28)" in message
     assert f"'{tmp_path / 'train' / 'b' / '2.png'}' (40x30)" in message
+
+
+# ----------------------------------------------- class folders without images
+
+
+def test_empty_class_folders_are_named(tmp_path: Path) -> None:
+    root = image_folder(tmp_path / "some", {"cat": [(16, 16)]})
+    (root / "dog").mkdir()
+    (root / "emu").mkdir()
+    with pytest.raises(DataError, match="2 of the 3 class folders") as info:
+        ImageFolderDataModule(str(root), str(root))
+    assert str(root / "dog") in str(info.value) and str(root / "emu") in str(info.value)
+    assert str(root / "cat") not in str(info.value)
+    empty = tmp_path / "empty"
+    for name in ("cat", "dog"):
+        (empty / name).mkdir(parents=True)
+    with pytest.raises(DataError, match=f"none of the 2 class folders of '{empty}'"):
+        scan_folder(empty)
+    with pytest.raises(MissingDataError, match="nowhere"):
+        scan_folder(tmp_path / "nowhere")

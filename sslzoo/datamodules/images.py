@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from sslzoo.errors import DataError
+from sslzoo.errors import DataError, MissingDataError
 
 try:
     import fcntl
@@ -161,6 +161,14 @@ def collate_skip_none(batch: list[Any]) -> Any:
     return default_collate(batch) if batch else None
 
 
+def existing_folder(root: str | os.PathLike) -> Path:
+    """``root`` as a Path; raises if it is not a folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MissingDataError(f"image folder {str(root)!r} does not exist; check the path")
+    return root
+
+
 def scan_folder(
     root: str | os.PathLike, labeled: bool = True
 ) -> tuple[list[tuple[str, int]], list[str]]:
@@ -169,27 +177,42 @@ def scan_folder(
     Labeled: one sub-folder per class (the ImageFolder layout), classes sorted by name.
     Unlabeled: every image below ``root``, label -1.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
+    root = existing_folder(root)
     if not labeled:
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
-            raise FileNotFoundError(
-                f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {str(root)!r}"
-            )
+            raise MissingDataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {str(root)!r}")
         return [(str(p), -1) for p in files], []
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"{str(root)!r} has no class sub-folders; a labeled image folder is "
             "ROOT/<class>/<image>"
         )
-    samples = []
+    samples, empty = [], []
     for label, name in enumerate(classes):
         files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         samples += [(str(p), label) for p in files]
+        if not files:
+            empty.append(name)
+    if empty:
+        raise DataError(empty_classes_message(root, classes, empty))
     return samples, classes
+
+
+def empty_classes_message(root: Path, classes: Sequence[str], empty: Sequence[str]) -> str:
+    """Why a labeled folder with class folders holding no images cannot be used."""
+    kinds = ", ".join(IMAGE_EXTENSIONS)
+    if len(empty) == len(classes):
+        return (
+            f"none of the {len(classes)} class folders of {str(root)!r} holds an image "
+            f"({kinds}); a labeled image folder is ROOT/<class>/<image>"
+        )
+    names = ", ".join(repr(str(root / name)) for name in empty)
+    return (
+        f"{len(empty)} of the {len(classes)} class folders of {str(root)!r} hold no image "
+        f"({kinds}): {names}. Every sub-folder is a class: add images to these or remove them"
+    )
 
 
 def stratified_subset(
