@@ -4,6 +4,7 @@ given once."""
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -132,3 +133,40 @@ def test_empty_class_folders_are_named(tmp_path: Path) -> None:
         scan_folder(empty)
     with pytest.raises(MissingDataError, match="nowhere"):
         scan_folder(tmp_path / "nowhere")
+
+
+# -------------------------------------------- the image size of image folders
+
+
+def test_small_images_train_and_evaluate_at_their_own_size(tmp_path: Path) -> None:
+    root = image_folder(tmp_path, {"0": [(28, 28)] * 3, "1": [(28, 28)] * 3}, mode="L")
+    data = ImageFolderDataModule(str(root), str(root), num_workers=0)
+    assert (data.image_size, data.eval_resize_ratio) == (28, 1.0)
+    # the checkpoint's copy of the arguments records the sizes trained at
+    assert (data.hparams["image_size"], data.hparams["eval_resize_ratio"]) == (28, 1.0)
+    image = data.eval_transform()(Image.open(root / "0" / "0.png").convert("RGB"))
+    assert tuple(image.shape) == (3, 28, 28)
+
+
+def test_large_images_keep_the_imagenet_sizes(tmp_path: Path) -> None:
+    root = image_folder(tmp_path, {"a": [(300, 256)] * 2, "b": [(256, 320)] * 2})
+    data = ImageFolderDataModule(str(root), str(root), num_workers=0)
+    assert (data.image_size, data.eval_resize_ratio) == (224, 256 / 224)
+    explicit = ImageFolderDataModule(str(root), str(root), image_size=96, eval_resize_ratio=1.5)
+    assert (explicit.image_size, explicit.eval_resize_ratio) == (96, 1.5)
+
+
+def test_upsampling_more_than_twice_warns_with_the_size_to_set(tmp_path: Path) -> None:
+    root = image_folder(tmp_path, {"0": [(28, 28)] * 2, "1": [(28, 28)] * 2})
+    with pytest.warns(UserWarning, match=r"image_size 224 upsamples .* 8\.0x") as warned:
+        data = ImageFolderDataModule(str(root), str(root), image_size=224)
+    assert data.image_size == 224 and "--data.image_size 28" in str(warned[0].message)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*upsamples")
+        ImageFolderDataModule(str(root), str(root), image_size=56)  # 2x: no warning
+
+
+def test_a_single_class_warns_that_accuracy_means_nothing(tmp_path: Path) -> None:
+    root = image_folder(tmp_path, {"only": [(16, 16)] * 2})
+    with pytest.warns(UserWarning, match="single class .*meaningless"):
+        ImageFolderDataModule(str(root), str(root))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -213,6 +214,47 @@ def empty_classes_message(root: Path, classes: Sequence[str], empty: Sequence[st
         f"{len(empty)} of the {len(classes)} class folders of {str(root)!r} hold no image "
         f"({kinds}): {names}. Every sub-folder is a class: add images to these or remove them"
     )
+
+
+def first_images(root: Path, count: int) -> list[Path]:
+    """The first ``count`` images below ``root`` in a sorted walk, listing no more folders than
+    it takes to find them."""
+    found: list[Path] = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders.sort()
+        images = [f for f in sorted(files) if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+        found += [Path(folder) / f for f in images]
+        if len(found) >= count:
+            break
+    return found[:count]
+
+
+def sample_images(root: str | os.PathLike, labeled: bool, count: int = 64) -> list[Path]:
+    """At most ``count`` images of a folder, found without listing all of it (an ImageNet-sized
+    tree takes seconds). Labeled: the first images of class folders spread evenly over the
+    sorted classes; unlabeled: the first images of a sorted walk."""
+    root = existing_folder(root)
+    if not labeled:
+        return first_images(root, count)
+    classes = sorted(d for d in root.iterdir() if d.is_dir())
+    if not classes:
+        return []
+    picked = classes[:: -(-len(classes) // count)]  # at most count, evenly spaced
+    per_class = count // len(picked)
+    return [path for folder in picked for path in first_images(folder, per_class)]
+
+
+def typical_shorter_side(paths: Sequence[Path]) -> int | None:
+    """Median shorter side in pixels of the images that open (only their headers are read),
+    None if none does."""
+    sides = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                sides.append(min(img.size))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue  # reported when training reads it
+    return statistics.median_low(sides) if sides else None
 
 
 def stratified_subset(
