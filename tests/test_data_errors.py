@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from sslzoo.datamodules import CIFAR10DataModule, ImageFolderDataModule
-from sslzoo.datamodules.images import report_skipped, scan_folder
+from sslzoo.datamodules.images import extract_archive, report_skipped, scan_folder
 from sslzoo.errors import DataError, MissingDataError
 from sslzoo.methods.simclr import SimCLR
 from tests.augment_helpers import cifar_folder
@@ -170,3 +170,13 @@ def test_a_single_class_warns_that_accuracy_means_nothing(tmp_path: Path) -> Non
     root = image_folder(tmp_path, {"only": [(16, 16)] * 2})
     with pytest.warns(UserWarning, match="single class .*meaningless"):
         ImageFolderDataModule(str(root), str(root))
+
+
+# ------------------------------------------------------------------- archives
+
+
+def test_a_damaged_archive_is_named(tmp_path: Path) -> None:
+    archive = tmp_path / "cifar10.tar.gz"
+    archive.write_bytes(b"\x1f\x8b\x08\x00" + b"\x00" * 20)  # a gzip header, then nothing
+    with pytest.raises(DataError, match="cannot unpack .*cifar10.tar.gz.* again"):
+        extract_archive(archive, tmp_path / "cache")

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from sslzoo.augment.crops import CropViews
 from sslzoo.datamodules.epoch_loader import EpochSeededLoader
 from sslzoo.datamodules.images import Transform, collate_skip_none
-from sslzoo.errors import DataError
+from sslzoo.errors import ConfigError, DataError
 from sslzoo.seeding import global_seed
 
 
@@ -91,7 +91,7 @@ class SSLDataModule(L.LightningDataModule):
             return module.view_transform(self.image_size, self.mean, self.std)
         device_views = module.device_view_transform(self.image_size, self.mean, self.std)
         if device_views is None:
-            raise ValueError(
+            raise ConfigError(
                 f"{type(module).__name__} has no device views (device_view_transform); "
                 "set device_augment: false for it"
             )

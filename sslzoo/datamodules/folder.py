@@ -12,6 +12,7 @@ from sslzoo.datamodules.images import (
     scan_folder,
     typical_shorter_side,
 )
+from sslzoo.errors import ConfigError
 
 DEFAULT_IMAGE_SIZE = 224  # ImageNet's crops, for images at least this large
 DEFAULT_EVAL_RESIZE_RATIO = 256 / 224  # ImageNet's evaluation: resize to 256, centre crop 224
@@ -107,7 +108,7 @@ class ImageFolderDataModule(SSLDataModule):
         )
         super().__init__(batch_size, num_workers, image_size, eval_resize_ratio, pin_memory)
         if bank_dir is None and not train_labeled:
-            raise ValueError("an unlabeled train_dir needs a labeled bank_dir for kNN monitoring")
+            raise ConfigError("an unlabeled train_dir needs a labeled bank_dir for kNN monitoring")
         self.train_dir, self.val_dir, self.bank_dir = train_dir, val_dir, bank_dir or train_dir
         self.train_labeled = train_labeled
         self.mean, self.std = mean, std

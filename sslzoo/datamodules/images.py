@@ -7,6 +7,7 @@ import logging
 import os
 import statistics
 import tarfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -281,8 +282,15 @@ def extract_archive(archive: str | os.PathLike, cache_dir: str | os.PathLike | N
         return dest
     dest.mkdir(parents=True, exist_ok=True)
     log.info("unpacking %s to %s", archive, dest)
-    with tarfile.open(archive) as tar:
-        tar.extractall(dest, filter="data")
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(dest, filter="data")
+    except (tarfile.TarError, EOFError, zlib.error) as error:
+        reason = " ".join(str(error).split())  # tarfile's reasons span lines
+        raise DataError(
+            f"cannot unpack {str(archive)!r} ({type(error).__name__}: {reason}); it is damaged "
+            "or incomplete: copy or download it again"
+        ) from error
     done.write_text(str(archive.stat().st_size))
     return dest
 
