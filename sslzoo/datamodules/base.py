@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from sslzoo.augment.crops import CropViews
 from sslzoo.datamodules.epoch_loader import EpochSeededLoader
 from sslzoo.datamodules.images import Transform, collate_skip_none
+from sslzoo.errors import ConfigError, DataError
 from sslzoo.seeding import global_seed
 
 
@@ -90,7 +91,7 @@ class SSLDataModule(L.LightningDataModule):
             return module.view_transform(self.image_size, self.mean, self.std)
         device_views = module.device_view_transform(self.image_size, self.mean, self.std)
         if device_views is None:
-            raise ValueError(
+            raise ConfigError(
                 f"{type(module).__name__} has no device views (device_view_transform); "
                 "set device_augment: false for it"
             )
@@ -101,6 +102,30 @@ class SSLDataModule(L.LightningDataModule):
         if self.trainer is not None and self.trainer.lightning_module is not None:
             views = self.train_transform(self.trainer.lightning_module)
         self.build_datasets(views, self.eval_transform())
+        if stage == "fit":
+            self.check_full_batch()
+
+    def check_full_batch(self) -> None:
+        """Raise unless each device (rank) gets at least one full training batch: every
+        training loader drops an epoch's last incomplete batch, so with fewer images nothing
+        would train."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        images, batch = len(self.train_set), self.batch_size
+        if images >= batch * world:
+            return
+        asked = f"one batch of {batch} (--data.batch_size)"
+        if world > 1:
+            asked = (
+                f"one batch of {batch} per device (--data.batch_size) x {world} devices "
+                f"= {batch * world}"
+            )
+        fix = "train on more images"
+        if images >= world:
+            fix = f"set --data.batch_size {images // world} or less, or {fix}"
+        raise DataError(
+            f"the training set has {images} images, fewer than {asked}; each device trains "
+            f"on full batches only, so nothing would train: {fix}"
+        )
 
     def _loader(self, dataset: Dataset, train: bool, num_workers: int | None = None) -> DataLoader:
         return DataLoader(

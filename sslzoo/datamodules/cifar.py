@@ -18,6 +18,7 @@ from sslzoo.datamodules.images import (
     scan_folder,
     stratified_subset,
 )
+from sslzoo.errors import MissingDataError
 
 HOW_TO_GET = (
     "Point --data.root at a folder holding torchvision's '{tv}' files (e.g. from "
@@ -73,9 +74,9 @@ class CIFAR10DataModule(SSLDataModule):
         self.compile_augment = compile_augment
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
-    def _missing(self, path: Path) -> FileNotFoundError:
+    def _missing(self, path: Path) -> MissingDataError:
         how = HOW_TO_GET.format(tv=self.torchvision_dir, cls=self.torchvision_class)
-        return FileNotFoundError(f"no {self.torchvision_class} data at {str(path)!r}. {how}")
+        return MissingDataError(f"no {self.torchvision_class} data at {str(path)!r}. {how}")
 
     def _unpacked_root(self) -> Path:
         """``root``, unpacked first if it is an archive."""

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import tarfile
+import zlib
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,13 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
+
+from sslzoo.errors import DataError, MissingDataError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: appends stay whole lines, only the lock is missing
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +39,32 @@ def read_image(path: str | os.PathLike) -> Image.Image:
 
 
 def report_skipped(report_file: str | None, path: str, error: Exception) -> None:
-    """Log an unreadable image and append its path to the run's report file."""
-    log.warning("skipping unreadable image %s (%s)", path, error)
-    if report_file:
-        with open(report_file, "a") as f:
-            f.write(f"{path}\t{type(error).__name__}: {error}\n")
+    """Warn about an unreadable image and list it in the run's report file, once per file.
+
+    Images are read in dataloader workers, started afresh each epoch, so no process remembers
+    what an earlier one reported: the report file is the record. Without one, every skip
+    is warned about."""
+    reason = f"{type(error).__name__}: {error}".replace("\n", " ")
+    if report_file and not append_once(report_file, path, reason):
+        return
+    log.warning("skipping unreadable image %s (%s)", path, reason)
+
+
+def append_once(report_file: str, path: str, reason: str) -> bool:
+    """Append the line ``path<TAB>reason`` to ``report_file`` unless ``path`` is listed there
+    already; True if it was appended.
+
+    An exclusive lock spans the read and the append, so two workers meeting the same file
+    list it once; the line goes out in one ``write`` to a file opened for appending, so lines
+    of concurrent writers never interleave."""
+    with open(report_file, "a+", encoding="utf-8") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file is closed
+        f.seek(0)
+        if any(line.split("\t", 1)[0] == path for line in f.read().splitlines()):
+            return False
+        os.write(f.fileno(), f"{path}\t{reason}\n".encode())
+    return True
 
 
 class ImageFiles(Dataset):
@@ -132,6 +163,14 @@ def collate_skip_none(batch: list[Any]) -> Any:
     return default_collate(batch) if batch else None
 
 
+def existing_folder(root: str | os.PathLike) -> Path:
+    """``root`` as a Path; raises if it is not a folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MissingDataError(f"image folder {str(root)!r} does not exist; check the path")
+    return root
+
+
 def scan_folder(
     root: str | os.PathLike, labeled: bool = True
 ) -> tuple[list[tuple[str, int]], list[str]]:
@@ -140,27 +179,83 @@ def scan_folder(
     Labeled: one sub-folder per class (the ImageFolder layout), classes sorted by name.
     Unlabeled: every image below ``root``, label -1.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
+    root = existing_folder(root)
     if not labeled:
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
-            raise FileNotFoundError(
-                f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {str(root)!r}"
-            )
+            raise MissingDataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {str(root)!r}")
         return [(str(p), -1) for p in files], []
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"{str(root)!r} has no class sub-folders; a labeled image folder is "
             "ROOT/<class>/<image>"
         )
-    samples = []
+    samples, empty = [], []
     for label, name in enumerate(classes):
         files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         samples += [(str(p), label) for p in files]
+        if not files:
+            empty.append(name)
+    if empty:
+        raise DataError(empty_classes_message(root, classes, empty))
     return samples, classes
+
+
+def empty_classes_message(root: Path, classes: Sequence[str], empty: Sequence[str]) -> str:
+    """Why a labeled folder with class folders holding no images cannot be used."""
+    kinds = ", ".join(IMAGE_EXTENSIONS)
+    if len(empty) == len(classes):
+        return (
+            f"none of the {len(classes)} class folders of {str(root)!r} holds an image "
+            f"({kinds}); a labeled image folder is ROOT/<class>/<image>"
+        )
+    names = ", ".join(repr(str(root / name)) for name in empty)
+    return (
+        f"{len(empty)} of the {len(classes)} class folders of {str(root)!r} hold no image "
+        f"({kinds}): {names}. Every sub-folder is a class: add images to these or remove them"
+    )
+
+
+def first_images(root: Path, count: int) -> list[Path]:
+    """The first ``count`` images below ``root`` in a sorted walk, listing no more folders than
+    it takes to find them."""
+    found: list[Path] = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders.sort()
+        images = [f for f in sorted(files) if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+        found += [Path(folder) / f for f in images]
+        if len(found) >= count:
+            break
+    return found[:count]
+
+
+def sample_images(root: str | os.PathLike, labeled: bool, count: int = 64) -> list[Path]:
+    """At most ``count`` images of a folder, found without listing all of it (an ImageNet-sized
+    tree takes seconds). Labeled: the first images of class folders spread evenly over the
+    sorted classes; unlabeled: the first images of a sorted walk."""
+    root = existing_folder(root)
+    if not labeled:
+        return first_images(root, count)
+    classes = sorted(d for d in root.iterdir() if d.is_dir())
+    if not classes:
+        return []
+    picked = classes[:: -(-len(classes) // count)]  # at most count, evenly spaced
+    per_class = count // len(picked)
+    return [path for folder in picked for path in first_images(folder, per_class)]
+
+
+def typical_shorter_side(paths: Sequence[Path]) -> int | None:
+    """Median shorter side in pixels of the images that open (only their headers are read),
+    None if none does."""
+    sides = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                sides.append(min(img.size))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue  # reported when training reads it
+    return statistics.median_low(sides) if sides else None
 
 
 def stratified_subset(
@@ -187,8 +282,15 @@ def extract_archive(archive: str | os.PathLike, cache_dir: str | os.PathLike | N
         return dest
     dest.mkdir(parents=True, exist_ok=True)
     log.info("unpacking %s to %s", archive, dest)
-    with tarfile.open(archive) as tar:
-        tar.extractall(dest, filter="data")
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(dest, filter="data")
+    except (tarfile.TarError, EOFError, zlib.error) as error:
+        reason = " ".join(str(error).split())  # tarfile's reasons span lines
+        raise DataError(
+            f"cannot unpack {str(archive)!r} ({type(error).__name__}: {reason}); it is damaged "
+            "or incomplete: copy or download it again"
+        ) from error
     done.write_text(str(archive.stat().st_size))
     return dest
 
@@ -243,17 +345,40 @@ def decode_to_array(
             for chunk in chunks:
                 decoded += _decode_chunk(chunk)
                 bar.update(len(chunk))
-    images, labels = [], []
-    for (path, label), image in zip(samples, decoded, strict=True):
+    images, labels, kept = [], [], []
+    for path, label, image in zip(paths, (label for _, label in samples), decoded, strict=True):
         if isinstance(image, Exception):
             report_skipped(report_file, path, image)
             continue
         images.append(image)
         labels.append(label)
-    shapes = {im.shape for im in images}
-    if len(shapes) != 1:
-        raise ValueError(f"images differ in size ({sorted(shapes)[:3]}...); cannot stack them")
+        kept.append(path)
+    if not images:
+        folder = os.path.commonpath(paths)
+        raise DataError(f"none of the {len(paths)} images under {folder!r} could be read")
+    shapes = [image.shape for image in images]
+    if len(set(shapes)) != 1:
+        raise DataError(size_mismatch_message(kept, shapes))
     return np.stack(images), np.array(labels, dtype=np.int64)
+
+
+def size_mismatch_message(paths: Sequence[str], shapes: Sequence[tuple[int, ...]]) -> str:
+    """Which files differ in size from the most common one (the first few, with their sizes)."""
+
+    def px(shape: tuple[int, ...]) -> str:
+        return f"{shape[1]}x{shape[0]}"  # (H, W, 3) as width x height
+
+    common, count = Counter(shapes).most_common(1)[0]
+    example = paths[shapes.index(common)]
+    others = [(p, s) for p, s in zip(paths, shapes, strict=True) if s != common]
+    listed = ", ".join(f"{p!r} ({px(s)})" for p, s in others[:5])
+    more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+    return (
+        f"images must all have one size (they are held as one array), but {count} of "
+        f"{len(paths)} are {px(common)} px (e.g. {example!r}) and these differ: {listed}{more}. "
+        f"Resize them to {px(common)}, or train on the folder with ImageFolderDataModule, "
+        "which takes images of any size"
+    )
 
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
