@@ -90,7 +90,7 @@ def test_eval_from_another_directory(
 ) -> None:
     ckpt = last_ckpt(cifar_run)
     recorded = torch.load(ckpt, weights_only=True)["datamodule_hyper_parameters"]
-    assert recorded["root"] == str(Path(cifar_run.trainer.default_root_dir).parent / "cifar")
+    assert recorded["root"] == str(Path(cifar_run.trainer.default_root_dir).parents[1] / "cifar")
     monkeypatch.chdir(tmp_path)
     result = eval_run(["knn", "--ckpt", str(ckpt), *KNN_5])
     assert result["train_images"] == result["val_images"] == 2 * 10
@@ -127,7 +127,7 @@ def test_eval_old_checkpoint_with_a_relative_root(
     monkeypatch.chdir(tmp_path)
     with pytest.raises(MissingDataError, match=r"root='cifar', a path relative .* --data\.root"):
         eval_run(["knn", "--ckpt", str(old), *KNN_5])
-    monkeypatch.chdir(Path(cifar_run.trainer.default_root_dir).parent)  # where the run started
+    monkeypatch.chdir(Path(cifar_run.trainer.default_root_dir).parents[1])  # where it started
     assert eval_run(["knn", "--ckpt", str(old), *KNN_5])["train_images"] == 20
 
 
@@ -225,3 +225,27 @@ def test_export_where_the_runs_images_are_not(cifar_run: SSLZooCLI, tmp_path: Pa
     spec = export_backbone(tmp_path / "folder.ckpt", tmp_path / "out")
     assert (spec["image_size"], spec["resize"], spec["interpolation"]) == (224, 256, "bicubic")
     assert spec["mean"] == [0.5, 0.4, 0.3] and spec["std"] == [0.2, 0.2, 0.2]
+
+
+def test_a_run_of_the_users_own_method_exports_with_import_module(
+    timm_run: SSLZooCLI,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """A method of the user's own, outside the package: the checkpoint may not import its
+    module, the user may (``--import_module``)."""
+    (tmp_path / "mine.py").write_text(
+        "from sslzoo.methods import SimCLR\n\n\nclass MySimCLR(SimCLR):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ckpt = torch.load(last_ckpt(timm_run), weights_only=True)
+    ckpt["hyper_parameters"]["_class_path"] = "mine.MySimCLR"
+    torch.save(ckpt, tmp_path / "mine.ckpt")
+    export = ["export", "--ckpt", str(tmp_path / "mine.ckpt"), "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit):
+        main(export)
+    assert "pass --import_module mine" in capsys.readouterr().err
+    main([*export, "--import_module", "mine"])
+    spec = json.loads((tmp_path / "out" / "backbone.json").read_text())
+    assert spec["method"] == "MySimCLR"
