@@ -1,0 +1,1 @@
+"""Losses as small modules that own their state (centres, normalisation layers)."""

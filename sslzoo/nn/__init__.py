@@ -1,0 +1,1 @@
+"""Network parts shared by methods: heads, ViT helpers, synchronised BatchNorm."""
