@@ -13,6 +13,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Literal
 
@@ -26,7 +27,7 @@ from torch import nn
 from sslzoo.backbones import Backbone, build_backbone
 from sslzoo.methods.lars import TrustRatio
 from sslzoo.methods.optim import OptimizerName, build_optimizer, decay_groups, split_decay
-from sslzoo.methods.schedules import warmup_cosine
+from sslzoo.methods.schedules import cosine_to_one, warmup_cosine
 
 ViewTransform = Callable[[Image.Image], list[torch.Tensor]]
 # SSLMethod's own on_after_batch_transfer (device views) is meant to run with any datamodule
@@ -80,6 +81,31 @@ def forward_multicrop(module: nn.Module, views: Sequence[torch.Tensor]) -> list[
         outputs += list(module(torch.cat(list(views[start:end]))).chunk(end - start))
         start = end
     return outputs
+
+
+@dataclass(frozen=True)
+class TeacherUpdate:
+    """When and with which momentum the EMA callback updates a method's teachers
+    (:meth:`SSLMethod.teacher_update`): ``t <- m t + (1 - m) s`` once per optimizer step k.
+
+    Args:
+        base_momentum: m0.
+        cosine: ``m_k = 1 - (1 - m0)(1 + cos(pi k / K)) / 2`` over the K optimizer steps of the
+            run; False keeps m0.
+        before_step: update at the start of step k, before its forward, so the step's targets
+            come from the teacher updated with m_k (MoCo v3); False: after step k's optimizer
+            step (BYOL, DINO, iBOT).
+    """
+
+    base_momentum: float
+    cosine: bool = True
+    before_step: bool = False
+
+    def momentum_at(self, step: int, total_steps: int) -> float:
+        """The momentum m_k of optimizer step ``step`` of ``total_steps``."""
+        if not self.cosine:
+            return self.base_momentum
+        return cosine_to_one(step, total_steps, self.base_momentum)
 
 
 class SSLMethod(L.LightningModule):
@@ -230,6 +256,11 @@ class SSLMethod(L.LightningModule):
     def ema_base_momentum(self) -> float:
         """Base EMA momentum m0 of the cosine-to-one teacher schedule."""
         raise NotImplementedError(f"{type(self).__name__} has no EMA teacher")
+
+    def teacher_update(self) -> TeacherUpdate:
+        """How the EMA callback updates :meth:`teacher_pairs`: by default after every optimizer
+        step, with the momentum rising from :attr:`ema_base_momentum` to 1 on a cosine."""
+        return TeacherUpdate(self.ema_base_momentum)
 
     @property
     def eval_backbone(self) -> nn.Module:
