@@ -172,32 +172,53 @@ class Recorder(L.Callback):
         self.lrs.append({g["name"]: g["lr"] for g in opt.param_groups})
 
 
-STEPS = 20
+EPOCHS, ITERS = 4, 5  # 20 steps
+
+
+def fit_fixed_batch(model: SimSiam, epochs: int, iters: int) -> Recorder:
+    views = model.view_transform(16, [0.5] * 3, [0.25] * 3)
+    data = DataLoader(FixedBatch(views, steps=iters), batch_size=32)
+    recorder = Recorder()
+    trainer = L.Trainer(
+        max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder],
+    )  # fmt: skip
+    trainer.fit(model, train_dataloaders=data)
+    return recorder
 
 
 @pytest.fixture(scope="module")
 def short_run() -> tuple[SimSiam, Recorder]:
     L.seed_everything(0)
     model = SimSiam(**SMALL, lr=0.2, weight_decay=5e-4)
-    views = model.view_transform(16, [0.5] * 3, [0.25] * 3)
-    data = DataLoader(FixedBatch(views, steps=STEPS), batch_size=32)
-    recorder = Recorder()
-    trainer = L.Trainer(
-        max_steps=STEPS, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder],
-    )  # fmt: skip
-    trainer.fit(model, train_dataloaders=data)
-    return model, recorder
+    return model, fit_fixed_batch(model, EPOCHS, ITERS)
 
 
-def test_predictor_keeps_the_initial_lr_while_the_encoder_follows_the_cosine(short_run) -> None:
+def official_lr(init_lr: float, epoch: int, epochs: int) -> float:
+    """main_simsiam.py ``adjust_learning_rate``, called at the start of every epoch."""
+    return init_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+
+
+def test_lr_steps_once_per_epoch_and_the_predictor_keeps_the_initial_lr(short_run) -> None:
+    """Officially the encoder's learning rate is set once at each epoch's start, and the
+    predictor's groups (``fix_lr``) keep ``init_lr = lr * batch / 256`` throughout."""
     _, recorder = short_run
-    peak = 0.2 * 32 / 256  # linear scaling of the base lr
+    init_lr = 0.2 * 32 / 256
+    assert len(recorder.lrs) == EPOCHS * ITERS
     for step, lrs in enumerate(recorder.lrs):
-        cosine = peak * 0.5 * (1 + math.cos(math.pi * step / STEPS))
-        assert lrs["decay"] == pytest.approx(cosine)
+        assert lrs["decay"] == pytest.approx(official_lr(init_lr, step // ITERS, EPOCHS))
+        assert lrs["predictor_decay"] == pytest.approx(init_lr)
+
+
+def test_lr_update_step_follows_the_cosine_at_every_step() -> None:
+    L.seed_everything(0)
+    recorder = fit_fixed_batch(SimSiam(**SMALL, lr=0.2, lr_update="step"), epochs=2, iters=2)
+    peak = 0.2 * 32 / 256
+    for step, lrs in enumerate(recorder.lrs):
+        assert lrs["decay"] == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * step / 4)))
         assert lrs["predictor_decay"] == pytest.approx(peak)
-    assert recorder.lrs[-1]["decay"] < 0.05 * peak
+    with pytest.raises(ValueError, match="lr_update"):
+        SimSiam(**SMALL, lr_update="iteration")
 
 
 def test_training_on_a_fixed_batch_lowers_the_loss_without_collapse(short_run) -> None:
