@@ -115,8 +115,11 @@ class SSLMethod(L.LightningModule):
         backbone: backbone name for :func:`sslzoo.backbones.build_backbone` (``resnet18``, any
             torchvision classification model, any timm model).
         backbone_kwargs: extra constructor arguments for the backbone (``img_size``,
-            ``patch_size``, ``drop_path_rate``, ``zero_init_residual``...).
+            ``patch_size``, ``drop_path_rate``...).
         cifar_stem: use the 3x3 stride-1 ResNet stem without max-pool (32x32 images).
+        zero_init_residual: start the last BatchNorm of every residual block of a ResNet
+            backbone, torchvision's or timm's, at zero scale; ``None`` keeps the library's
+            default (off in torchvision, on in timm); other backbones ignore it.
         optimizer: ``sgd``, ``lars`` or ``adamw``.
         lr: base learning rate; scaled by the global batch according to ``lr_scaling``.
         lr_scaling: ``linear`` (lr x batch / 256), ``sqrt`` (lr x sqrt(batch)) or ``none``.
@@ -146,6 +149,7 @@ class SSLMethod(L.LightningModule):
         backbone: str = "resnet18",
         backbone_kwargs: dict[str, Any] | None = None,
         cifar_stem: bool = False,
+        zero_init_residual: bool | None = None,
         optimizer: OptimizerName = "sgd",
         lr: float = 0.05,
         lr_scaling: LRScaling = "linear",
@@ -181,8 +185,18 @@ class SSLMethod(L.LightningModule):
             exclude_bias_and_norm=exclude_bias_and_norm,
             sync_batchnorm=sync_batchnorm,
         )
+        kwargs = dict(backbone_kwargs or {})
+        given = kwargs.pop("zero_init_residual", None)
+        if None not in (given, zero_init_residual) and given != zero_init_residual:
+            raise ValueError(
+                f"backbone_kwargs.zero_init_residual={given} contradicts "
+                f"zero_init_residual={zero_init_residual}: set zero_init_residual only"
+            )
         self.backbone: Backbone = build_backbone(
-            backbone, cifar_stem=cifar_stem, **(backbone_kwargs or {})
+            backbone,
+            cifar_stem=cifar_stem,
+            zero_init_residual=given if zero_init_residual is None else zero_init_residual,
+            **kwargs,
         )
         self._steps_per_epoch: int | None = None
         # first optimizer step with a non-finite loss, -1 if none: kept on the device so the

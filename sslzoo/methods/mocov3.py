@@ -189,9 +189,11 @@ class MoCoV3(BYOLPairViews, SSLMethod):
         backbone: backbone name (see :class:`SSLMethod`); a timm ``VisionTransformer`` gets the
             ViT setup. The official ViT-S has 12 heads: pass ``num_heads: 12`` to timm's
             ``vit_small_patch16_224``.
-        backbone_kwargs: backbone constructor arguments (``zero_init_residual: true`` for
-            torchvision ResNets, as officially).
+        backbone_kwargs: backbone constructor arguments.
         cifar_stem: 3x3 stride-1 ResNet stem for 32x32 images.
+        zero_init_residual: start the last BatchNorm of every residual block of a ResNet
+            backbone (torchvision's or timm's) at zero scale, as officially (main_moco.py builds
+            its torchvision ResNet with ``zero_init_residual=True``); other backbones ignore it.
         optimizer: ``lars`` (ResNet) or ``adamw`` (ViT).
         lr: base learning rate per 256 images (0.6 for 100 epochs, 0.3 for 300/1000 epochs;
             1.5e-4 for ViT with AdamW).
@@ -232,6 +234,7 @@ class MoCoV3(BYOLPairViews, SSLMethod):
         backbone: str = "resnet50",
         backbone_kwargs: dict[str, Any] | None = None,
         cifar_stem: bool = False,
+        zero_init_residual: bool = True,
         optimizer: OptimizerName = "lars",
         lr: float = 0.6,
         lr_scaling: LRScaling = "linear",

@@ -90,9 +90,12 @@ class SimSiam(SSLMethod):
         hflip_prob: probability of a horizontal flip.
         sync_batchnorm: synchronise BatchNorm across devices (SyncBN officially).
         backbone: backbone name (see :class:`SSLMethod`).
-        backbone_kwargs: backbone constructor arguments (``zero_init_residual: true`` for
-            torchvision ResNets, as officially).
+        backbone_kwargs: backbone constructor arguments.
         cifar_stem: 3x3 stride-1 ResNet stem for 32x32 images.
+        zero_init_residual: start the last BatchNorm of every residual block of a ResNet
+            backbone (torchvision's or timm's) at zero scale, as officially
+            (simsiam/builder.py builds its torchvision ResNet with
+            ``zero_init_residual=True``); other backbones ignore it.
         optimizer: ``sgd`` officially.
         lr: base learning rate per 256 images (0.05).
         lr_scaling: learning-rate scaling rule (``linear``: lr x batch / 256).
@@ -123,6 +126,7 @@ class SimSiam(SSLMethod):
         backbone: str = "resnet50",
         backbone_kwargs: dict[str, Any] | None = None,
         cifar_stem: bool = False,
+        zero_init_residual: bool = True,
         optimizer: OptimizerName = "sgd",
         lr: float = 0.05,
         lr_scaling: LRScaling = "linear",
