@@ -63,11 +63,23 @@ def _timm(name: str, cifar_stem: bool, kwargs: dict[str, Any]) -> Backbone:
     return Backbone(model, model.num_features, {**spec, "head": None, "cifar_stem": cifar_stem})
 
 
+def _zero_init_argument(library: str, name: str) -> str | None:
+    """The constructor argument that zero-initialises the last BatchNorm scale of every
+    residual block: ``zero_init_residual`` of torchvision's ResNets, ``zero_init_last`` of
+    timm's (``timm.models.resnet``); None for other models."""
+    if library == "torchvision":
+        builder = torchvision.models.get_model_builder(name)
+        return "zero_init_residual" if builder.__module__ == "torchvision.models.resnet" else None
+    entrypoint = timm.models.model_entrypoint(timm.models.get_arch_name(name))
+    return "zero_init_last" if entrypoint.__module__ == "timm.models.resnet" else None
+
+
 def build_backbone(
     name: str = "resnet18",
     cifar_stem: bool = False,
     img_size: int | None = None,
     patch_size: int | None = None,
+    zero_init_residual: bool | None = None,
     **kwargs: Any,
 ) -> Backbone:
     """Build a backbone with its classifier removed.
@@ -80,8 +92,12 @@ def build_backbone(
             the usual variant for 32x32 images.
         img_size: input size for ViTs (timm), e.g. 32 for CIFAR.
         patch_size: patch size for ViTs (timm), e.g. 4 for CIFAR.
-        kwargs: passed to the model constructor (e.g. ``zero_init_residual`` for torchvision
-            ResNets, ``drop_path_rate`` or ``channels`` for timm models).
+        zero_init_residual: start the last BatchNorm of every residual block of a ResNet at
+            zero scale (torchvision's ``zero_init_residual``, timm's ``zero_init_last``);
+            ``None`` keeps the library's default (off in torchvision, on in timm). Models
+            without residual BatchNorm blocks (ViTs...) ignore it.
+        kwargs: passed to the model constructor (e.g. ``drop_path_rate`` or ``channels`` for
+            timm models).
     """
     if img_size is not None:
         kwargs["img_size"] = img_size
@@ -94,10 +110,20 @@ def build_backbone(
     if library == "tv" or (library == "" and bare in tv_names):
         if bare not in tv_names:
             raise ValueError(f"unknown torchvision model {bare!r}")
-        return _torchvision(bare, cifar_stem, kwargs)
-    if not timm.is_model(bare):
+        library = "torchvision"
+    elif not timm.is_model(bare):
         raise ValueError(
             f"unknown backbone {name!r}: not a torchvision classification model nor a timm model "
             "(see torchvision.models.list_models() and timm.list_models())"
         )
-    return _timm(bare, cifar_stem, kwargs)
+    else:
+        library = "timm"
+    key = _zero_init_argument(library, bare) if zero_init_residual is not None else None
+    if key is not None:
+        if kwargs.get(key, zero_init_residual) != zero_init_residual:
+            raise ValueError(
+                f"zero_init_residual={zero_init_residual} contradicts {key}={kwargs[key]}"
+            )
+        kwargs[key] = zero_init_residual
+    build = _torchvision if library == "torchvision" else _timm
+    return build(bare, cifar_stem, kwargs)

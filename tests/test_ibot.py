@@ -12,6 +12,7 @@ import pytest
 import torch
 from lightly.loss import IBOTPatchLoss
 from PIL import Image
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from sslzoo.methods.dino import cross_view_loss, teacher_probs
@@ -271,9 +272,8 @@ def test_head_sharing_variants_and_teacher_pairs() -> None:
     assert len(default.last_layers()) == 2
     for variant in (default, tiny_ibot(shared_head=True), tiny_ibot(shared_head_teacher=False)):
         assert variant.eval_backbone is variant.teacher_backbone
-        for student, teacher in variant.teacher_pairs():
-            for ps, pt in zip(student.parameters(), teacher.parameters(), strict=True):
-                assert torch.equal(ps, pt) and not pt.requires_grad
+        for _, teacher in variant.teacher_pairs():
+            assert not any(p.requires_grad for p in teacher.parameters())
     assert "masked_embed" in dict(default.named_parameters())
     assert not any("masked_embed" in n for n, _ in default.teacher_backbone.named_parameters())
     with pytest.raises(ValueError, match="patch_out_dim"):
@@ -281,6 +281,48 @@ def test_head_sharing_variants_and_teacher_pairs() -> None:
     tiny_ibot(out_dim=64, patch_out_dim=32, shared_head_teacher=False)
     with pytest.raises(ValueError, match="VisionTransformer"):
         IBOT(backbone="resnet18")
+
+
+class OfficialLastLayers(nn.Module):
+    """The last layers of the official ``iBOTHead`` (models/head.py): with ``shared_head``,
+    ``last_layer2`` is ``last_layer`` itself, registered under both names."""
+
+    def __init__(self, shared: bool, in_dim: int = 16, out_dim: int = 64) -> None:
+        super().__init__()
+        self.last_layer = nn.Linear(in_dim, out_dim, bias=False)
+        self.last_layer2 = self.last_layer if shared else nn.Linear(in_dim, out_dim, bias=False)
+
+
+@pytest.mark.parametrize("shared_head", [False, True])
+@pytest.mark.parametrize("shared_head_teacher", [True, False])
+def test_teacher_head_starts_and_follows_as_in_main_ibot(
+    shared_head: bool, shared_head_teacher: bool
+) -> None:
+    """main_ibot.py builds the teacher with ``shared_head_teacher``, then
+    ``teacher.load_state_dict(student.state_dict(), strict=False)``: each name is loaded in
+    turn, so a sharing teacher's one last layer ends with the student's ``last_layer2``. Its
+    EMA then updates the teacher parameters whose names the student's named_parameters()
+    also lists."""
+    model = tiny_ibot(shared_head=shared_head, shared_head_teacher=shared_head_teacher)
+    student, teacher = OfficialLastLayers(shared_head), OfficialLastLayers(shared_head_teacher)
+    with torch.no_grad():
+        student.last_layer.weight.copy_(model.head.last_layer.weight)
+        student.last_layer2.weight.copy_(model.head.patch_layer.weight)
+    teacher.load_state_dict(student.state_dict(), strict=False)
+    ours = model.teacher_head
+    assert torch.equal(ours.last_layer.weight, teacher.last_layer.weight)
+    assert torch.equal(ours.patch_layer.weight, teacher.last_layer2.weight)
+    if shared_head_teacher and not shared_head:  # the official default: the patch layer wins
+        assert not torch.equal(ours.last_layer.weight, model.head.last_layer.weight)
+    for s, t in [(model.backbone, model.teacher_backbone), (model.head.mlp, ours.mlp)]:
+        for ps, pt in zip(s.parameters(), t.parameters(), strict=True):
+            assert torch.equal(ps, pt)
+
+    common = {n for n, _ in student.named_parameters()} & {n for n, _ in teacher.named_parameters()}
+    pairs = {(id(s), id(t)) for s, t in model.teacher_pairs()}
+    for name in common:
+        layer = name.split(".")[0]
+        assert (id(getattr(model.head, layer)), id(getattr(ours, layer))) in pairs, name
 
 
 # ------------------------------------------------------------------------------ optimising

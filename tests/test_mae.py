@@ -93,7 +93,7 @@ def test_random_masking_keeps_a_fixed_share_per_image(ratio: float) -> None:
     n, length, dim = 8, GRID * GRID, 5
     x = torch.arange(length).float().view(1, length, 1).expand(n, length, dim).contiguous()
     kept, mask, ids_restore = model.random_masking(x, ratio)
-    keep = round((1 - ratio) * length)
+    keep = int(length * (1 - ratio))
     assert kept.shape == (n, keep, dim)
     assert torch.equal(mask.sum(1), torch.full((n,), float(length - keep)))
     for i in range(n):  # the kept tokens are exactly the unmasked positions
@@ -109,6 +109,24 @@ def test_random_masking_keeps_a_fixed_share_per_image(ratio: float) -> None:
     visible = mask == 0
     assert torch.equal(restored[visible], x[visible])
     assert bool((restored[~visible] == -1).all())
+
+
+# models_mae.py random_masking: ``len_keep = int(L * (1 - mask_ratio))``, float arithmetic
+# truncated; these are the values Python gives for that expression
+OFFICIAL_KEEP = [
+    (196, 0.75, 49), (196, 0.7, 58), (196, 0.9, 19), (196, 0.95, 9), (256, 0.9, 25),
+    (16, 0.9, 1), (16, 0.75, 4),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("length, ratio, keep", OFFICIAL_KEEP)
+def test_random_masking_keeps_the_official_truncated_count(
+    length: int, ratio: float, keep: int
+) -> None:
+    assert int(length * (1 - ratio)) == keep  # the table is the official expression
+    kept, mask, _ = tiny_mae().random_masking(torch.zeros(2, length, 3), ratio)
+    assert kept.shape == (2, keep, 3)
+    assert mask.sum(1).tolist() == [length - keep] * 2
 
 
 def test_patchify_layout_and_round_trip() -> None:

@@ -5,13 +5,16 @@ run that lowers the loss without collapsing."""
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torchvision
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -140,9 +143,12 @@ def test_momentum_encoder_is_backbone_and_projector_not_predictor() -> None:
 
 @pytest.mark.parametrize("cosine", [True, False])
 def test_brought_ema_callback_follows_moco_m_cos(cosine: bool) -> None:
-    callbacks = MoCoV3(**SMALL, moco_m_cos=cosine).configure_callbacks()
+    model = MoCoV3(**SMALL, moco_m=0.9, moco_m_cos=cosine)
+    callbacks = model.configure_callbacks()
     assert [type(c) for c in callbacks] == [EMATeacher]
-    assert callbacks[0].cosine is cosine
+    update = callbacks[0].declared_update(model)
+    assert (update.base_momentum, update.cosine, update.before_step) == (0.9, cosine, True)
+    assert update.momentum_at(5, 10) == (0.95 if cosine else 0.9)
 
 
 def test_vit_patch_projection_frozen_and_position_embedding_fixed_sincos() -> None:
@@ -256,6 +262,140 @@ def test_training_on_a_fixed_batch_lowers_the_loss_without_collapse() -> None:
     after = list(model.momentum_projector.parameters())
     moved = [not torch.equal(a, b) for a, b in zip(teacher_before, after, strict=True)]
     assert all(moved)  # the EMA callback the method brings updated the momentum encoder
+
+
+def official_moco_m(epoch: int, i: int, iters_per_epoch: int, epochs: int, m0: float) -> float:
+    """main_moco.py ``adjust_moco_momentum(epoch + i / iters_per_epoch, args)``."""
+    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * (epoch + i / iters_per_epoch) / epochs)) * (
+        1.0 - m0
+    )
+
+
+def flat(*modules: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for m in modules for p in m.parameters()]).clone()
+
+
+class KeyRecorder(MoCoV3):
+    """MoCo v3 that records, as each training step begins, the encoder's weights and the
+    momentum encoder's weights its keys are computed with."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def training_step(self, batch, batch_idx):
+        student = flat(self.backbone, self.projector)
+        self.seen.append((student, flat(self.momentum_backbone, self.momentum_projector)))
+        return super().training_step(batch, batch_idx)
+
+
+class MomentumLog(L.Callback):
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.values.append(float(trainer.callback_metrics["train/ema_momentum"]))
+
+
+EPOCHS, ITERS = 2, 3
+M0 = 0.9
+
+
+def moco_run(model: MoCoV3, callbacks: list[L.Callback], ckpt_path: str | None = None) -> None:
+    """EPOCHS epochs of ITERS identical batches of fixed views, with SGD."""
+    views = model.view_transform(16, [0.5] * 3, [0.25] * 3)
+    data = DataLoader(FixedBatch(views, steps=ITERS, n=16), batch_size=16)
+    trainer = L.Trainer(
+        max_epochs=EPOCHS, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+    )  # fmt: skip
+    trainer.fit(model, train_dataloaders=data, ckpt_path=ckpt_path)
+
+
+def small_moco(cls: type[MoCoV3] = MoCoV3) -> MoCoV3:
+    torch.manual_seed(0)
+    return cls(**SMALL, moco_t=0.2, moco_m=M0, optimizer="sgd", lr=0.4, warmup_epochs=0)
+
+
+class SaveAt(L.Callback):
+    """Save a checkpoint once ``step`` optimizer steps are done (mid-epoch here)."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+@pytest.fixture(scope="module")
+def moco_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """An uninterrupted run, which saves a checkpoint after step 4 (epoch 1, iteration 1),
+    and a run resumed from that checkpoint."""
+    ckpt = tmp_path_factory.mktemp("moco") / "step4.ckpt"
+    L.seed_everything(0)
+    full = small_moco(KeyRecorder)
+    initial = flat(full.momentum_backbone, full.momentum_projector)
+    full_log = MomentumLog()
+    moco_run(full, [full_log, SaveAt(4, ckpt)])
+    resumed, resumed_log = small_moco(), MomentumLog()
+    with warnings.catch_warnings():
+        # every batch is the same, so where a plain DataLoader restarts does not matter
+        warnings.filterwarnings("ignore", message=".*dataloader is not resumable")
+        moco_run(resumed, [resumed_log], ckpt_path=str(ckpt))
+    return {"initial": initial, "full": full, "full_log": full_log.values,
+            "resumed": resumed, "resumed_log": resumed_log.values}  # fmt: skip
+
+
+def test_momentum_encoder_is_updated_as_the_official_loop_does(moco_runs: dict[str, Any]) -> None:
+    """main_moco.py ``train``: at iteration i of epoch e (step k), m_k comes from the
+    fractional epoch e + i / iters_per_epoch, and ``MoCo.forward`` updates the momentum
+    encoder with m_k and the current encoder (step 0 included) before computing the keys. No
+    update follows the last step."""
+    model = moco_runs["full"]
+    official = [
+        official_moco_m(e, i, ITERS, EPOCHS, M0) for e in range(EPOCHS) for i in range(ITERS)
+    ]
+    assert moco_runs["full_log"] == pytest.approx(official, rel=1e-7)  # logged in float32
+    previous = moco_runs["initial"]
+    for (student, teacher), m in zip(model.seen, official, strict=True):
+        expected = previous * m + student * (1.0 - m)
+        torch.testing.assert_close(teacher, expected, rtol=1e-6, atol=1e-7)
+        previous = teacher
+    assert torch.equal(flat(model.momentum_backbone, model.momentum_projector), previous)
+
+
+def test_run_resumed_mid_epoch_updates_the_momentum_encoder_as_an_uninterrupted_one(
+    moco_runs: dict[str, Any],
+) -> None:
+    """The momentum is a function of the step: resumed at step 4, the first batch updates
+    with m_4 and the run ends where the uninterrupted one does."""
+    full, resumed = moco_runs["full"], moco_runs["resumed"]
+    assert resumed.trainer.global_step == full.trainer.global_step == EPOCHS * ITERS
+    expected = [official_moco_m(1, i, ITERS, EPOCHS, M0) for i in (1, 2)]
+    assert moco_runs["resumed_log"] == pytest.approx(expected, rel=1e-7)
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resnet_starts_with_zero_residual_batchnorms_as_officially() -> None:
+    """The official code builds ``torchvision.models.__dict__[arch](zero_init_residual=True)``:
+    the last BatchNorm of every residual block starts at zero scale, every other at one. The
+    default applies to timm's ResNets too (``zero_init_last``) and can be turned off."""
+    torch.manual_seed(0)
+    official = torchvision.models.__dict__["resnet18"](zero_init_residual=True)
+    zero = {n for n, m in official.named_modules()
+             if isinstance(m, nn.BatchNorm2d) and bool((m.weight == 0).all())}  # fmt: skip
+    assert zero == {f"layer{i}.{j}.bn2" for i in range(1, 5) for j in range(2)}
+    model = MoCoV3(backbone="resnet18", moco_dim=8, moco_mlp_dim=16, sync_batchnorm=False)
+    ours = {n for n, m in model.backbone.model.named_modules()
+            if isinstance(m, nn.BatchNorm2d) and bool((m.weight == 0).all())}  # fmt: skip
+    assert ours == zero
+    for setting in (True, False):
+        timm_model = MoCoV3(**SMALL, zero_init_residual=setting).backbone.model
+        assert bool((timm_model.layer1[0].bn2.weight == 0).all()) == setting
 
 
 def _cli(config: Path, *extra: str):

@@ -11,6 +11,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -172,32 +173,53 @@ class Recorder(L.Callback):
         self.lrs.append({g["name"]: g["lr"] for g in opt.param_groups})
 
 
-STEPS = 20
+EPOCHS, ITERS = 4, 5  # 20 steps
+
+
+def fit_fixed_batch(model: SimSiam, epochs: int, iters: int) -> Recorder:
+    views = model.view_transform(16, [0.5] * 3, [0.25] * 3)
+    data = DataLoader(FixedBatch(views, steps=iters), batch_size=32)
+    recorder = Recorder()
+    trainer = L.Trainer(
+        max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder],
+    )  # fmt: skip
+    trainer.fit(model, train_dataloaders=data)
+    return recorder
 
 
 @pytest.fixture(scope="module")
 def short_run() -> tuple[SimSiam, Recorder]:
     L.seed_everything(0)
     model = SimSiam(**SMALL, lr=0.2, weight_decay=5e-4)
-    views = model.view_transform(16, [0.5] * 3, [0.25] * 3)
-    data = DataLoader(FixedBatch(views, steps=STEPS), batch_size=32)
-    recorder = Recorder()
-    trainer = L.Trainer(
-        max_steps=STEPS, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder],
-    )  # fmt: skip
-    trainer.fit(model, train_dataloaders=data)
-    return model, recorder
+    return model, fit_fixed_batch(model, EPOCHS, ITERS)
 
 
-def test_predictor_keeps_the_initial_lr_while_the_encoder_follows_the_cosine(short_run) -> None:
+def official_lr(init_lr: float, epoch: int, epochs: int) -> float:
+    """main_simsiam.py ``adjust_learning_rate``, called at the start of every epoch."""
+    return init_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+
+
+def test_lr_steps_once_per_epoch_and_the_predictor_keeps_the_initial_lr(short_run) -> None:
+    """Officially the encoder's learning rate is set once at each epoch's start, and the
+    predictor's groups (``fix_lr``) keep ``init_lr = lr * batch / 256`` throughout."""
     _, recorder = short_run
-    peak = 0.2 * 32 / 256  # linear scaling of the base lr
+    init_lr = 0.2 * 32 / 256
+    assert len(recorder.lrs) == EPOCHS * ITERS
     for step, lrs in enumerate(recorder.lrs):
-        cosine = peak * 0.5 * (1 + math.cos(math.pi * step / STEPS))
-        assert lrs["decay"] == pytest.approx(cosine)
+        assert lrs["decay"] == pytest.approx(official_lr(init_lr, step // ITERS, EPOCHS))
+        assert lrs["predictor_decay"] == pytest.approx(init_lr)
+
+
+def test_lr_update_step_follows_the_cosine_at_every_step() -> None:
+    L.seed_everything(0)
+    recorder = fit_fixed_batch(SimSiam(**SMALL, lr=0.2, lr_update="step"), epochs=2, iters=2)
+    peak = 0.2 * 32 / 256
+    for step, lrs in enumerate(recorder.lrs):
+        assert lrs["decay"] == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * step / 4)))
         assert lrs["predictor_decay"] == pytest.approx(peak)
-    assert recorder.lrs[-1]["decay"] < 0.05 * peak
+    with pytest.raises(ValueError, match="lr_update"):
+        SimSiam(**SMALL, lr_update="iteration")
 
 
 def test_training_on_a_fixed_batch_lowers_the_loss_without_collapse(short_run) -> None:
@@ -205,6 +227,24 @@ def test_training_on_a_fixed_batch_lowers_the_loss_without_collapse(short_run) -
     first, last = np.mean(recorder.losses[:3]), np.mean(recorder.losses[-3:])
     assert last < first - 0.2, recorder.losses  # the loss lies in [-1, 1]
     assert min(recorder.stds) > 0.5 / math.sqrt(16), recorder.stds  # 1/sqrt(d) when spread
+
+
+def test_resnet_starts_with_zero_residual_batchnorms_as_officially() -> None:
+    """The official code builds ``torchvision.models.__dict__[arch](zero_init_residual=True)``:
+    the last BatchNorm of every residual block starts at zero scale, every other at one. The
+    default applies to timm's ResNets too (``zero_init_last``) and can be turned off."""
+    torch.manual_seed(0)
+    official = torchvision.models.__dict__["resnet18"](zero_init_residual=True)
+    zero = {n for n, m in official.named_modules()
+             if isinstance(m, nn.BatchNorm2d) and bool((m.weight == 0).all())}  # fmt: skip
+    assert zero == {f"layer{i}.{j}.bn2" for i in range(1, 5) for j in range(2)}
+    model = SimSiam(backbone="resnet18", dim=16, pred_dim=8, sync_batchnorm=False)
+    ours = {n for n, m in model.backbone.model.named_modules()
+            if isinstance(m, nn.BatchNorm2d) and bool((m.weight == 0).all())}  # fmt: skip
+    assert ours == zero
+    for setting in (True, False):
+        timm_model = SimSiam(**SMALL, zero_init_residual=setting).backbone.model
+        assert bool((timm_model.layer1[0].bn2.weight == 0).all()) == setting
 
 
 def image_folder(root: Path) -> Path:

@@ -13,6 +13,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Literal
 
@@ -26,7 +27,7 @@ from torch import nn
 from sslzoo.backbones import Backbone, build_backbone
 from sslzoo.methods.lars import TrustRatio
 from sslzoo.methods.optim import OptimizerName, build_optimizer, decay_groups, split_decay
-from sslzoo.methods.schedules import warmup_cosine
+from sslzoo.methods.schedules import cosine_to_one, warmup_cosine
 
 ViewTransform = Callable[[Image.Image], list[torch.Tensor]]
 # SSLMethod's own on_after_batch_transfer (device views) is meant to run with any datamodule
@@ -82,6 +83,31 @@ def forward_multicrop(module: nn.Module, views: Sequence[torch.Tensor]) -> list[
     return outputs
 
 
+@dataclass(frozen=True)
+class TeacherUpdate:
+    """When and with which momentum the EMA callback updates a method's teachers
+    (:meth:`SSLMethod.teacher_update`): ``t <- m t + (1 - m) s`` once per optimizer step k.
+
+    Args:
+        base_momentum: m0.
+        cosine: ``m_k = 1 - (1 - m0)(1 + cos(pi k / K)) / 2`` over the K optimizer steps of the
+            run; False keeps m0.
+        before_step: update at the start of step k, before its forward, so the step's targets
+            come from the teacher updated with m_k (MoCo v3); False: after step k's optimizer
+            step (BYOL, DINO, iBOT).
+    """
+
+    base_momentum: float
+    cosine: bool = True
+    before_step: bool = False
+
+    def momentum_at(self, step: int, total_steps: int) -> float:
+        """The momentum m_k of optimizer step ``step`` of ``total_steps``."""
+        if not self.cosine:
+            return self.base_momentum
+        return cosine_to_one(step, total_steps, self.base_momentum)
+
+
 class SSLMethod(L.LightningModule):
     """Base class of every self-supervised method.
 
@@ -89,8 +115,11 @@ class SSLMethod(L.LightningModule):
         backbone: backbone name for :func:`sslzoo.backbones.build_backbone` (``resnet18``, any
             torchvision classification model, any timm model).
         backbone_kwargs: extra constructor arguments for the backbone (``img_size``,
-            ``patch_size``, ``drop_path_rate``, ``zero_init_residual``...).
+            ``patch_size``, ``drop_path_rate``...).
         cifar_stem: use the 3x3 stride-1 ResNet stem without max-pool (32x32 images).
+        zero_init_residual: start the last BatchNorm of every residual block of a ResNet
+            backbone, torchvision's or timm's, at zero scale; ``None`` keeps the library's
+            default (off in torchvision, on in timm); other backbones ignore it.
         optimizer: ``sgd``, ``lars`` or ``adamw``.
         lr: base learning rate; scaled by the global batch according to ``lr_scaling``.
         lr_scaling: ``linear`` (lr x batch / 256), ``sqrt`` (lr x sqrt(batch)) or ``none``.
@@ -120,6 +149,7 @@ class SSLMethod(L.LightningModule):
         backbone: str = "resnet18",
         backbone_kwargs: dict[str, Any] | None = None,
         cifar_stem: bool = False,
+        zero_init_residual: bool | None = None,
         optimizer: OptimizerName = "sgd",
         lr: float = 0.05,
         lr_scaling: LRScaling = "linear",
@@ -155,8 +185,18 @@ class SSLMethod(L.LightningModule):
             exclude_bias_and_norm=exclude_bias_and_norm,
             sync_batchnorm=sync_batchnorm,
         )
+        kwargs = dict(backbone_kwargs or {})
+        given = kwargs.pop("zero_init_residual", None)
+        if None not in (given, zero_init_residual) and given != zero_init_residual:
+            raise ValueError(
+                f"backbone_kwargs.zero_init_residual={given} contradicts "
+                f"zero_init_residual={zero_init_residual}: set zero_init_residual only"
+            )
         self.backbone: Backbone = build_backbone(
-            backbone, cifar_stem=cifar_stem, **(backbone_kwargs or {})
+            backbone,
+            cifar_stem=cifar_stem,
+            zero_init_residual=given if zero_init_residual is None else zero_init_residual,
+            **kwargs,
         )
         self._steps_per_epoch: int | None = None
         # first optimizer step with a non-finite loss, -1 if none: kept on the device so the
@@ -230,6 +270,11 @@ class SSLMethod(L.LightningModule):
     def ema_base_momentum(self) -> float:
         """Base EMA momentum m0 of the cosine-to-one teacher schedule."""
         raise NotImplementedError(f"{type(self).__name__} has no EMA teacher")
+
+    def teacher_update(self) -> TeacherUpdate:
+        """How the EMA callback updates :meth:`teacher_pairs`: by default after every optimizer
+        step, with the momentum rising from :attr:`ema_base_momentum` to 1 on a cosine."""
+        return TeacherUpdate(self.ema_base_momentum)
 
     @property
     def eval_backbone(self) -> nn.Module:

@@ -100,11 +100,25 @@ class IBOTHead(DINOHead):
 
 
 def head_pairs(student: IBOTHead, teacher: IBOTHead) -> list[tuple[nn.Module, nn.Module]]:
-    """Matching (student, teacher) parts of two heads whose sharing may differ: the teacher's
-    own patch layer, if it has one, follows the student's patch layer."""
+    """Matching (student, teacher) parts of two heads whose sharing may differ, for the EMA
+    update: the teacher's [CLS] layer follows the student's, and the teacher's own patch
+    layer, if it has one, follows the student's patch layer."""
     pairs = [(student.mlp, teacher.mlp), (student.last_layer, teacher.last_layer)]
     if teacher.last_layer2 is not None:
         pairs.append((student.patch_layer, teacher.last_layer2))
+    return pairs
+
+
+def head_init_pairs(student: IBOTHead, teacher: IBOTHead) -> list[tuple[nn.Module, nn.Module]]:
+    """The (student, teacher) parts whose weights the teacher head starts from.
+
+    main_ibot.py loads the student's state dict into the teacher by name (``strict=False``).
+    A head that shares its last layer registers it twice, ``last_layer`` then
+    ``last_layer2``, so in a sharing teacher the student's ``last_layer2`` is loaded last:
+    the shared layer starts from the student's patch layer, not its [CLS] layer."""
+    pairs = [(student.mlp, teacher.mlp), (student.patch_layer, teacher.patch_layer)]
+    if teacher.last_layer2 is not None:
+        pairs.append((student.last_layer, teacher.last_layer))
     return pairs
 
 
@@ -380,7 +394,9 @@ class IBOT(DINO):
     Needs a timm ViT backbone. Evaluation uses the teacher backbone.
 
     Fixed at the official defaults: 2 global crops (``--global_crops_number``), GELU and no
-    norm in the head (``--act_in_head``, ``--norm_in_head``). One deliberate difference: with
+    norm in the head (``--act_in_head``, ``--norm_in_head``). As in main_ibot.py, a teacher
+    that shares its head (the default) starts its one last layer from the student's patch
+    layer and then follows the student's [CLS] layer by EMA. One deliberate difference: with
     ``shared_head`` and not ``shared_head_teacher``, the teacher's patch last layer follows the
     student's shared last layer by EMA; main_ibot.py updates only parameters whose names match,
     so there it keeps its initial weights.
@@ -542,7 +558,7 @@ class IBOT(DINO):
 
     def build_teacher_head(self) -> nn.Module:
         teacher = self._ibot_head(self.hparams.shared_head_teacher)
-        for student_part, teacher_part in head_pairs(self.head, teacher):
+        for student_part, teacher_part in head_init_pairs(self.head, teacher):
             teacher_part.load_state_dict(student_part.state_dict())
         for p in teacher.parameters():
             p.requires_grad = False

@@ -213,15 +213,15 @@ class MAE(SSLMethod):
     def random_masking(
         self, x: torch.Tensor, mask_ratio: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keep round((1 - mask_ratio) * L) tokens of each sequence, chosen by sorting uniform
-        noise per sample. Returns the kept tokens (in shuffled order), the binary mask (1 =
-        masked, in the original order) and ``ids_restore``, the argsort that unshuffles.
+        """Keep ``int(L * (1 - mask_ratio))`` tokens of each sequence, chosen by sorting
+        uniform noise per sample. Returns the kept tokens (in shuffled order), the binary mask
+        (1 = masked, in the original order) and ``ids_restore``, the argsort that unshuffles.
 
-        ``round`` equals the official ``int`` whenever (1 - ratio) * L is a whole number and
-        avoids float truncation (``int(50 * (1 - 0.9)) == 4``).
+        The count is the official float expression, truncated: ``int(196 * (1 - 0.9))`` is
+        19, not 20, since ``1 - 0.9`` is slightly below 0.1.
         """
         n, length, dim = x.shape
-        keep = round(length * (1 - mask_ratio))
+        keep = int(length * (1 - mask_ratio))
         noise = torch.rand(n, length, device=x.device)
         ids_shuffle = torch.argsort(noise, dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)

@@ -2,7 +2,8 @@
 Transformers").
 
     f_q, f_k: backbone + projector; f_k is an EMA of f_q (no gradient); h: predictor
-    for x in batch:
+    for k, x in enumerate(batches):
+        f_k <- m_k f_k + (1 - m_k) f_q      # before the keys, step 0 included; m_k -> 1
         x1, x2 = aug1(x), aug2(x)
         q1, q2 = h(f_q(x1)), h(f_q(x2))
         k1, k2 = f_k(x1), f_k(x2)
@@ -11,7 +12,10 @@ Transformers").
         logits = normalize(q) @ normalize(gather_all_ranks(k)).T / T
         labels = arange(N) + N * rank       # the positive is the same image's key
         return CrossEntropy(logits, labels) * 2T
-    after each step: f_k <- m f_k + (1 - m) f_q, m -> 1 on a cosine
+
+The momentum update is the official code's order (``main_moco.py`` sets m_k from the
+fractional epoch ``epoch + i / iters_per_epoch``, and ``MoCo.forward`` updates f_k before it
+computes the keys), not the paper's pseudocode, which updates after the optimizer step.
 
 For ViT backbones the official code also freezes the random patch projection
 (``--stop-grad-conv1``), uses a fixed 2-D sin-cos position embedding and initialises the
@@ -26,11 +30,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightly.utils.dist import gather
-from lightning.pytorch.callbacks import Callback
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from sslzoo.methods.base import LRScaling, SSLMethod, frozen_copy, init_arguments
+from sslzoo.methods.base import (
+    LRScaling,
+    SSLMethod,
+    TeacherUpdate,
+    frozen_copy,
+    init_arguments,
+)
 from sslzoo.methods.byol_views import BYOLPairViews
 from sslzoo.methods.lars import TrustRatio
 from sslzoo.methods.optim import OptimizerName
@@ -159,7 +168,7 @@ class MoCoV3(BYOLPairViews, SSLMethod):
         moco_mlp_dim: hidden width of the projector and predictor MLPs.
         moco_m: base momentum m0 of the momentum encoder (0.99; 0.996 for 1000 epochs).
         moco_m_cos: raise the momentum from m0 to 1 on a half cosine per step (``--moco-m-cos``,
-            used by every official recipe); applies to the EMA callback the method brings.
+            used by every official recipe); declared in :meth:`teacher_update`.
         moco_t: softmax temperature T; the loss is multiplied by 2T (1.0 ResNet, 0.2 ViT).
         proj_layers: projector layers; ``None`` picks the official 2 (ResNet) or 3 (ViT).
         pred_last_bn: affine-free BatchNorm after the predictor; ``None`` picks the official
@@ -180,9 +189,11 @@ class MoCoV3(BYOLPairViews, SSLMethod):
         backbone: backbone name (see :class:`SSLMethod`); a timm ``VisionTransformer`` gets the
             ViT setup. The official ViT-S has 12 heads: pass ``num_heads: 12`` to timm's
             ``vit_small_patch16_224``.
-        backbone_kwargs: backbone constructor arguments (``zero_init_residual: true`` for
-            torchvision ResNets, as officially).
+        backbone_kwargs: backbone constructor arguments.
         cifar_stem: 3x3 stride-1 ResNet stem for 32x32 images.
+        zero_init_residual: start the last BatchNorm of every residual block of a ResNet
+            backbone (torchvision's or timm's) at zero scale, as officially (main_moco.py builds
+            its torchvision ResNet with ``zero_init_residual=True``); other backbones ignore it.
         optimizer: ``lars`` (ResNet) or ``adamw`` (ViT).
         lr: base learning rate per 256 images (0.6 for 100 epochs, 0.3 for 300/1000 epochs;
             1.5e-4 for ViT with AdamW).
@@ -223,6 +234,7 @@ class MoCoV3(BYOLPairViews, SSLMethod):
         backbone: str = "resnet50",
         backbone_kwargs: dict[str, Any] | None = None,
         cifar_stem: bool = False,
+        zero_init_residual: bool = True,
         optimizer: OptimizerName = "lars",
         lr: float = 0.6,
         lr_scaling: LRScaling = "linear",
@@ -267,14 +279,11 @@ class MoCoV3(BYOLPairViews, SSLMethod):
             (self.projector, self.momentum_projector),
         ]
 
-    def configure_callbacks(self) -> list[Callback]:
-        from sslzoo.callbacks.ema import EMATeacher
-
-        callbacks = super().configure_callbacks()
-        for callback in callbacks:
-            if isinstance(callback, EMATeacher):
-                callback.cosine = self.hparams.moco_m_cos
-        return callbacks
+    def teacher_update(self) -> TeacherUpdate:
+        """Before each step's forward, with that step's momentum, as the official
+        ``MoCo.forward`` updates the momentum encoder before computing the keys."""
+        hp = self.hparams
+        return TeacherUpdate(hp.moco_m, cosine=hp.moco_m_cos, before_step=True)
 
     def view_recipe(self, image_size: int) -> dict[str, Any]:
         """The settings both views share, in lightly's ``BYOLView1Transform`` keywords."""

@@ -8,13 +8,14 @@ for x in batch:
     loss = D(p1, z2) / 2 + D(p2, z1) / 2
 def D(p, z):
     return -cosine_similarity(p, z.detach())   # stop-gradient on z
-the predictor keeps the initial learning rate (``--fix-pred-lr``); the rest follows a cosine
+the predictor keeps the initial learning rate (``--fix-pred-lr``); the rest follows a cosine,
+set once per epoch
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,8 @@ from torch import nn
 from sslzoo.augment.views import simsiam_views
 from sslzoo.methods.base import LRScaling, SSLMethod, ViewTransform, init_arguments
 from sslzoo.methods.optim import OptimizerName, decay_groups, split_decay
+
+LRUpdate = Literal["epoch", "step"]
 
 
 class SimSiamProjector(nn.Sequential):
@@ -74,6 +77,10 @@ class SimSiam(SSLMethod):
         proj_layers: projector layers (3 officially).
         fix_pred_lr: the predictor keeps the constant (scaled) initial learning rate while the
             rest follows the cosine (``--fix-pred-lr``).
+        lr_update: ``epoch``: the learning rate changes once per epoch, to the schedule's value
+            at the epoch's first step, as the official ``adjust_learning_rate`` called at
+            each epoch's start (``init_lr * 0.5 * (1 + cos(pi * epoch / epochs))``);
+            ``step``: at every optimizer step.
         crop_min_scale: smallest random-resized-crop area fraction.
         color_jitter: colour jitter (brightness, contrast, saturation, hue).
         color_jitter_prob: probability of colour jitter.
@@ -83,9 +90,12 @@ class SimSiam(SSLMethod):
         hflip_prob: probability of a horizontal flip.
         sync_batchnorm: synchronise BatchNorm across devices (SyncBN officially).
         backbone: backbone name (see :class:`SSLMethod`).
-        backbone_kwargs: backbone constructor arguments (``zero_init_residual: true`` for
-            torchvision ResNets, as officially).
+        backbone_kwargs: backbone constructor arguments.
         cifar_stem: 3x3 stride-1 ResNet stem for 32x32 images.
+        zero_init_residual: start the last BatchNorm of every residual block of a ResNet
+            backbone (torchvision's or timm's) at zero scale, as officially
+            (simsiam/builder.py builds its torchvision ResNet with
+            ``zero_init_residual=True``); other backbones ignore it.
         optimizer: ``sgd`` officially.
         lr: base learning rate per 256 images (0.05).
         lr_scaling: learning-rate scaling rule (``linear``: lr x batch / 256).
@@ -104,6 +114,7 @@ class SimSiam(SSLMethod):
         proj_hidden_dim: int | None = None,
         proj_layers: int = 3,
         fix_pred_lr: bool = True,
+        lr_update: LRUpdate = "epoch",
         crop_min_scale: float = 0.2,
         color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
         color_jitter_prob: float = 0.8,
@@ -115,6 +126,7 @@ class SimSiam(SSLMethod):
         backbone: str = "resnet50",
         backbone_kwargs: dict[str, Any] | None = None,
         cifar_stem: bool = False,
+        zero_init_residual: bool = True,
         optimizer: OptimizerName = "sgd",
         lr: float = 0.05,
         lr_scaling: LRScaling = "linear",
@@ -124,6 +136,8 @@ class SimSiam(SSLMethod):
         min_lr: float = 0.0,
         exclude_bias_and_norm: bool = False,
     ) -> None:
+        if lr_update not in ("epoch", "step"):
+            raise ValueError(f"lr_update must be 'epoch' or 'step', not {lr_update!r}")
         super().__init__(**init_arguments(SSLMethod, locals()))
         width = self.backbone.num_features
         self.projector = SimSiamProjector(width, proj_hidden_dim or width, dim, proj_layers)
@@ -145,6 +159,12 @@ class SimSiam(SSLMethod):
             for g in groups[-2:]:
                 g["fixed_lr"] = fixed
         return [g for g in groups if g["params"]]
+
+    def learning_rate_at(self, step: int) -> float:
+        """The schedule at ``step``, or at the first step of its epoch (``lr_update``)."""
+        if self.hparams.lr_update == "epoch":
+            step -= step % self.steps_per_epoch
+        return super().learning_rate_at(step)
 
     def view_recipe(self, image_size: int) -> dict[str, Any]:
         """The view settings, in lightly's ``SimSiamTransform`` keywords."""
