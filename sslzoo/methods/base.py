@@ -366,8 +366,13 @@ class SSLMethod(L.LightningModule):
 
     @property
     def total_steps(self) -> int:
-        """Optimizer steps of the whole run."""
+        """Optimizer steps the schedules span: the whole run."""
         return int(self.trainer.estimated_stepping_batches)
+
+    @property
+    def warmup_steps(self) -> int:
+        """Optimizer steps of the learning-rate warmup."""
+        return round(self.settings.warmup_epochs * self.steps_per_epoch)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         groups = self.parameter_groups()
@@ -393,11 +398,10 @@ class SSLMethod(L.LightningModule):
     def learning_rate_at(self, step: int) -> float:
         """Scheduled learning rate at optimizer step ``step``."""
         st = self.settings
-        warmup = round(st.warmup_epochs * self.steps_per_epoch)
         return warmup_cosine(
             step,
             self.total_steps,
-            warmup,
+            self.warmup_steps,
             self.scaled_lr,
             st.min_lr,
             st.start_warmup_lr,
