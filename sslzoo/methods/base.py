@@ -60,12 +60,16 @@ def compile_views(views: nn.Module, backend: str = "inductor") -> nn.Module:
     return views
 
 
+def frozen(module: nn.Module) -> nn.Module:
+    """``module`` with gradients off, used as an EMA teacher."""
+    for p in module.parameters():
+        p.requires_grad = False
+    return module
+
+
 def frozen_copy(module: nn.Module) -> nn.Module:
     """A deep copy with gradients off, used as an EMA teacher."""
-    teacher = copy.deepcopy(module)
-    for p in teacher.parameters():
-        p.requires_grad = False
-    return teacher
+    return frozen(copy.deepcopy(module))
 
 
 def forward_multicrop(module: nn.Module, views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
