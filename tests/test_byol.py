@@ -9,7 +9,8 @@ import torch
 import yaml
 from torch import nn
 
-from sslzoo.methods.byol import BYOL, regression_loss
+from sslzoo.backbones import build_backbone
+from sslzoo.methods.byol import BYOL, BYOLMLP, regression_loss
 from tests.conftest import REPO, TINY_RESNET
 
 SMALL = dict(**TINY_RESNET, projector_hidden_dim=32, projector_out_dim=8, predictor_hidden_dim=32)
@@ -72,6 +73,45 @@ def test_teacher_is_backbone_and_projector_without_grad() -> None:
     assert [s for s, _ in pairs] == [model.backbone, model.projector]
     assert all(not p.requires_grad for _, t in pairs for p in t.parameters())
     assert model.ema_base_momentum == 0.996
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_target_starts_from_its_own_random_initialisation() -> None:
+    """byol_experiment.py ``_make_initial_state``: ``rng_online, rng_target = split(rng)``, and
+    online and target parameters are each ``forward.init`` of their own key. The target is a
+    second draw of the same networks, not a copy (of its parameters only the encoder and the
+    projector are ever used). Written out here: the online backbone, projector and predictor,
+    then the target backbone and projector, drawn in turn from the seeded generator."""
+    arch = dict(name=SMALL["backbone"], cifar_stem=True, **SMALL["backbone_kwargs"])
+    torch.manual_seed(7)
+    online = [build_backbone(**arch), BYOLMLP(128, 32, 8), BYOLMLP(8, 32, 8)]
+    target = [build_backbone(**arch), BYOLMLP(128, 32, 8)]
+    torch.manual_seed(7)
+    model = BYOL(**SMALL, sync_batchnorm=False)
+    assert same_weights(model.backbone, online[0]) and same_weights(model.projector, online[1])
+    assert same_weights(model.predictor, online[2])
+    assert same_weights(model.target_backbone, target[0])
+    assert same_weights(model.target_projector, target[1])
+    assert not same_weights(model.target_backbone, model.backbone)
+    assert not same_weights(model.target_projector, model.projector)
+    assert all(not p.requires_grad for _, t in model.teacher_pairs() for p in t.parameters())
+    torch.manual_seed(7)
+    again = BYOL(**SMALL, sync_batchnorm=False)  # reproducible from the seed
+    assert same_weights(again, model)
+
+
+def test_target_can_start_as_a_copy_of_the_online_network() -> None:
+    torch.manual_seed(7)
+    model = BYOL(**SMALL, sync_batchnorm=False, target_init="copy")
+    assert same_weights(model.target_backbone, model.backbone)
+    assert same_weights(model.target_projector, model.projector)
+    assert all(not p.requires_grad for _, t in model.teacher_pairs() for p in t.parameters())
+    with pytest.raises(ValueError, match="target_init"):
+        BYOL(**SMALL, sync_batchnorm=False, target_init="online")
 
 
 def test_views_are_asymmetric_as_in_byol() -> None:

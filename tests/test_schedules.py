@@ -48,6 +48,26 @@ def test_linear_warmup() -> None:
     assert linear_warmup(45, 30, 0.04, 0.07) == pytest.approx(0.07)
 
 
+def simclr_warmup_and_cosine_decay(step: int, scaled_lr: float, warmup: int, total: int) -> float:
+    """SimCLR's tf2/model.py ``WarmUpAndCosineDecay`` written out: ``step / warmup * lr`` in the
+    warmup, then keras' ``CosineDecay(lr, total - warmup)`` (alpha 0) at ``step - warmup``,
+    whose step is clamped at the end of the decay."""
+    if step < warmup:
+        return step / warmup * scaled_lr
+    decay = total - warmup
+    done = min(step - warmup, decay)
+    return scaled_lr * 0.5 * (1 + math.cos(math.pi * done / decay))
+
+
+@pytest.mark.parametrize("warmup", [0, 1, 7])
+def test_warmup_cosine_is_simclrs_warmup_and_cosine_decay(warmup: int) -> None:
+    """The cosine starts where the warmup ends and spans the remaining total - warmup steps."""
+    total, peak = 40, 0.6
+    got = [warmup_cosine(s, total, warmup, peak, 0.0) for s in range(total + 3)]
+    expected = [simclr_warmup_and_cosine_decay(s, peak, warmup, total) for s in range(total + 3)]
+    assert got == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
 def official_cosine_scheduler(base, final, total, warmup, start) -> list[float]:
     """DINO's ``utils.cosine_scheduler`` (and main_swav.py's schedule) written out: a warmup of
     ``np.linspace(start, base, warmup)``, then ``final + (base - final)(1 + cos(pi i / n)) / 2``
@@ -73,11 +93,14 @@ def test_methods_whose_official_schedule_uses_linspace_warm_up_that_way() -> Non
     linspace = {name for name in names if getattr(methods, name).linspace_warmup}
     assert linspace == {"DINO", "IBOT", "SwAV"}
     for model, peak_step in (
-        (methods.SwAV(**SMALL_SWAV, warmup_epochs=0.5, start_warmup_lr=0.0), 4),
-        (methods.SimCLR(**TINY_RESNET, warmup_epochs=0.5, sync_batchnorm=False), 5),
+        (methods.SwAV(**SMALL_SWAV, start_warmup_lr=0.0), 4),
+        (methods.SimCLR(**TINY_RESNET, sync_batchnorm=False), 5),
     ):
-        model._steps_per_epoch = 10  # a 5-step warmup
         cls = type(model)
-        with mock.patch.object(cls, "total_steps", 100), mock.patch.object(cls, "scaled_lr", 1.0):
+        with (
+            mock.patch.object(cls, "warmup_steps", 5),
+            mock.patch.object(cls, "total_steps", 100),
+            mock.patch.object(cls, "scaled_lr", 1.0),
+        ):
             assert model.learning_rate_at(peak_step) == pytest.approx(1.0)
             assert model.learning_rate_at(peak_step - 1) < 1.0

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
+from typing import Any
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 from lightly.loss import NTXentLoss
 from lightly.transforms import SimCLRTransform
 from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import transforms as T
 
+from sslzoo.datamodules import DigitsDataModule
 from sslzoo.methods.simclr import SimCLR, SimCLRProjectionHead, nt_xent_loss
 from tests.conftest import TINY_RESNET
+from tests.helpers import quiet_trainer
+from tests.test_schedules import simclr_warmup_and_cosine_decay
 
 
 def reference_nt_xent(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:
@@ -105,3 +112,77 @@ def test_training_step_returns_backbone_features() -> None:
     assert out["loss"].requires_grad
     assert out["features"].shape == (4, model.backbone.num_features)
     assert not out["features"].requires_grad
+
+
+# ------------------------------------------------------------------ learning-rate schedule
+def official_lr(
+    step: int, lr: float, num_examples: int, batch: int, epochs: int, warmup_epochs: float
+) -> float:
+    """tf2/model.py written out: ``get_train_steps`` (no ``train_steps``) and
+    ``WarmUpAndCosineDecay``'s warmup length, with linear scaling."""
+    total = num_examples * epochs // batch + 1
+    warmup = int(round(warmup_epochs * num_examples // batch))
+    return simclr_warmup_and_cosine_decay(step, lr * batch / 256, warmup, total)
+
+
+def stub_trainer(num_examples: int, local_batch: int, world: int, epochs: int) -> Any:
+    """What a Lightning trainer reports to the method on rank 0 of ``world`` ranks, each with
+    its DistributedSampler share of the images in full batches."""
+    images = range(num_examples)
+    sampler = DistributedSampler(images, num_replicas=world, rank=0, shuffle=False)
+    loader = DataLoader(images, batch_size=local_batch, sampler=sampler, drop_last=True)
+    return SimpleNamespace(
+        train_dataloader=loader,
+        num_training_batches=len(loader),
+        estimated_stepping_batches=len(loader) * epochs,
+        datamodule=SimpleNamespace(batch_size=local_batch),
+        world_size=world,
+        accumulate_grad_batches=1,
+        max_epochs=epochs,
+        max_steps=-1,
+    )
+
+
+@pytest.mark.parametrize("local_batch, world", [(4096, 1), (512, 8)])
+def test_schedule_counts_steps_as_the_official_code_at_imagenet_size(
+    local_batch: int, world: int
+) -> None:
+    """ImageNet (1,281,167 images), batch 4096, 100 epochs, 10 warmup epochs: the official
+    schedule spans 31279 steps with 3127 of warmup, where whole epochs of full batches (312
+    each) would give 31200 and 3120."""
+    model = SimCLR(**TINY_RESNET, sync_batchnorm=False)  # lr 0.3, linear scaling, warmup 10
+    model.trainer = stub_trainer(1_281_167, local_batch, world, epochs=100)
+    for step in (0, 1, 1500, 3120, 3126, 3127, 3128, 20000, 31199, 31278, 31279, 31300):
+        expected = official_lr(step, 0.3, 1_281_167, 4096, 100, 10.0)
+        assert model.learning_rate_at(step) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert (model.total_steps, model.warmup_steps) == (31279, 3127)
+
+
+class RecordLR(L.Callback):
+    """The learning rate each optimizer step runs with."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: Any, optimizer: Any) -> None:
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+
+def test_short_run_follows_the_official_schedule() -> None:
+    """A real run whose epochs drop an incomplete batch: each step's learning rate is the
+    official one for the training set's size, warmup and cosine counted as tf2/model.py."""
+    torch.manual_seed(0)
+    data = DigitsDataModule(batch_size=16, num_workers=0, image_size=16, val_fraction=0.95)
+    model = SimCLR(
+        **TINY_RESNET, proj_hidden_dim=16, proj_out_dim=8, sync_batchnorm=False,
+        blur_prob=0.0, optimizer="sgd", lr=0.4, warmup_epochs=2,
+    )  # fmt: skip
+    record = RecordLR()
+    trainer = quiet_trainer(max_epochs=3, limit_val_batches=0, callbacks=[record])
+    trainer.fit(model, datamodule=data)
+    n = len(data.train_set)
+    assert n % 16 >= 8  # the official counts differ from whole batches': 11 warmup steps, not 10
+    assert len(record.lrs) == 3 * (n // 16)  # the trainer still trains whole epochs
+    expected = [official_lr(s, 0.4, n, 16, 3, 2.0) for s in range(len(record.lrs))]
+    assert record.lrs == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert (model.total_steps, model.warmup_steps) == (n * 3 // 16 + 1, 2 * n // 16)

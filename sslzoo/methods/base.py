@@ -61,12 +61,16 @@ def compile_views(views: nn.Module, backend: str = "inductor") -> nn.Module:
     return views
 
 
+def frozen(module: nn.Module) -> nn.Module:
+    """``module`` with gradients off, used as an EMA teacher."""
+    for p in module.parameters():
+        p.requires_grad = False
+    return module
+
+
 def frozen_copy(module: nn.Module) -> nn.Module:
     """A deep copy with gradients off, used as an EMA teacher."""
-    teacher = copy.deepcopy(module)
-    for p in teacher.parameters():
-        p.requires_grad = False
-    return teacher
+    return frozen(copy.deepcopy(module))
 
 
 def forward_multicrop(module: nn.Module, views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -411,8 +415,13 @@ class SSLMethod(L.LightningModule):
 
     @property
     def total_steps(self) -> int:
-        """Optimizer steps of the whole run."""
+        """Optimizer steps the schedules span: the whole run."""
         return int(self.trainer.estimated_stepping_batches)
+
+    @property
+    def warmup_steps(self) -> int:
+        """Optimizer steps of the learning-rate warmup."""
+        return round(self.settings.warmup_epochs * self.steps_per_epoch)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         groups = self.parameter_groups()
@@ -438,11 +447,10 @@ class SSLMethod(L.LightningModule):
     def learning_rate_at(self, step: int) -> float:
         """Scheduled learning rate at optimizer step ``step``."""
         st = self.settings
-        warmup = round(st.warmup_epochs * self.steps_per_epoch)
         return warmup_cosine(
             step,
             self.total_steps,
-            warmup,
+            self.warmup_steps,
             self.scaled_lr,
             st.min_lr,
             st.start_warmup_lr,

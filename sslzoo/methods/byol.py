@@ -1,14 +1,14 @@
 """BYOL (Grill et al., 2020, "Bootstrap Your Own Latent").
 
 online:  y = f(x), z = g(y), p = q(z)          # backbone, projector, predictor
-target:  y' = f'(x), z' = g'(x)                # EMA of (f, g), no gradient
+target:  y' = f'(x), z' = g'(y')               # own random init, EMA of (f, g), no gradient
 loss = (2 - 2 cos(p(v1), z'(v2))) + (2 - 2 cos(p(v2), z'(v1)))
 after each step: target <- tau * target + (1 - tau) * online, tau -> 1 on a cosine
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +18,13 @@ from sslzoo.augment.ops import BlurPadding, Interpolation
 from sslzoo.augment.params import CropSampler
 from sslzoo.augment.tf_color import ColorOps
 from sslzoo.augment.tf_recipe import TFRecipe
-from sslzoo.methods.base import LRScaling, SSLMethod, frozen_copy, init_arguments
+from sslzoo.backbones import build_backbone
+from sslzoo.methods.base import LRScaling, SSLMethod, frozen, frozen_copy, init_arguments
 from sslzoo.methods.byol_views import BYOLPairViews
 from sslzoo.methods.lars import TrustRatio
 from sslzoo.methods.optim import OptimizerName
+
+TargetInit = Literal["random", "copy"]
 
 
 class BYOLMLP(nn.Sequential):
@@ -54,6 +57,10 @@ class BYOL(BYOLPairViews, SSLMethod):
         projector_out_dim: projection dimension.
         predictor_hidden_dim: predictor MLP hidden width.
         ema_momentum: base EMA momentum tau_base; rises to 1 on a cosine over the run.
+        target_init: how the target backbone and projector start: ``random``: their own random
+            initialisation, drawn after the online network's from the seeded generator (the
+            official ``_make_initial_state`` initialises online and target parameters from
+            two keys split from one); ``copy``: a copy of the online network.
         crop_min_scale: smallest random-resized-crop area fraction.
         crop_sampler: how crop boxes are drawn: ``byol``: one draw clipped to the image
             (``_decode_and_random_crop``); ``torchvision``: ``RandomResizedCrop``'s
@@ -97,6 +104,7 @@ class BYOL(BYOLPairViews, SSLMethod):
         projector_out_dim: int = 256,
         predictor_hidden_dim: int = 4096,
         ema_momentum: float = 0.996,
+        target_init: TargetInit = "random",
         crop_min_scale: float = 0.08,
         crop_sampler: CropSampler = "byol",
         crop_interpolation: Interpolation = "bicubic",
@@ -130,8 +138,16 @@ class BYOL(BYOLPairViews, SSLMethod):
         dim = self.backbone.num_features
         self.projector = BYOLMLP(dim, projector_hidden_dim, projector_out_dim)
         self.predictor = BYOLMLP(projector_out_dim, predictor_hidden_dim, projector_out_dim)
-        self.target_backbone = frozen_copy(self.backbone)
-        self.target_projector = frozen_copy(self.projector)
+        if target_init == "copy":
+            self.target_backbone = frozen_copy(self.backbone)
+            self.target_projector = frozen_copy(self.projector)
+        elif target_init == "random":
+            self.target_backbone = frozen(
+                build_backbone(backbone, cifar_stem=cifar_stem, **(backbone_kwargs or {}))
+            )
+            self.target_projector = frozen(BYOLMLP(dim, projector_hidden_dim, projector_out_dim))
+        else:
+            raise ValueError(f"target_init must be 'random' or 'copy', not {target_init!r}")
 
     @property
     def ema_base_momentum(self) -> float:

@@ -102,6 +102,19 @@ def nt_xent_loss(
 class SimCLR(SSLMethod):
     """SimCLR with the official (google-research/simclr, tf2) defaults.
 
+    The learning-rate schedule counts steps as tf2/model.py does, from the N training images of
+    an epoch and the global batch B: a linear warmup over ``round(warmup_epochs * N // B)``
+    steps (``WarmUpAndCosineDecay``), then a cosine to ``min_lr`` over the rest of
+    ``N * max_epochs // B + 1`` steps (``get_train_steps``), or of ``max_steps`` (the
+    official ``train_steps``) where that ends the run first. The official input pipeline
+    repeats the data before batching it, so its steps run across epoch boundaries; our
+    epochs are whole epochs of full batches, and the trainer's step count is left at
+    ``max_epochs * (N // B)``: 31200 steps where the schedule spans 31279 (ImageNet at 4096,
+    100 epochs), so the last step's learning rate is 2e-5 of the peak rather than 0. (The
+    official run's own length is set by its loop, not by the schedule: tf2/run.py trains in
+    loops of ``checkpoint_epochs * round(N / B)`` steps, 313 by default, until it reaches
+    31279, that is 31300 steps, the last 21 at learning rate 0.)
+
     Args:
         temperature: NT-Xent temperature (0.1 ImageNet; the README uses 0.5 for CIFAR-10).
         hidden_norm: L2-normalise projections before the dot product.
@@ -222,6 +235,32 @@ class SimCLR(SSLMethod):
     ) -> nn.Module:
         settings = self.tf_recipe().device_settings(image_size)
         return simclr_views(mean=mean, std=std, **self.view_recipe(image_size), **settings)
+
+    @property
+    def examples_per_epoch(self) -> int:
+        """The official ``num_examples``: the training images, or those of the batches an epoch
+        is cut to (``limit_train_batches``)."""
+        trainer = self.trainer
+        loader = trainer.train_dataloader
+        batches = trainer.num_training_batches
+        if batches < len(loader):
+            return int(batches) * loader.batch_size * trainer.world_size
+        return len(loader.dataset)
+
+    @property
+    def total_steps(self) -> int:
+        """``get_train_steps``: ``train_steps or N * epochs // B + 1`` (see the class)."""
+        trainer = self.trainer
+        if trainer.max_epochs == -1:
+            return trainer.max_steps
+        steps = self.examples_per_epoch * trainer.max_epochs // self.global_batch_size + 1
+        return steps if trainer.max_steps == -1 else min(steps, trainer.max_steps)
+
+    @property
+    def warmup_steps(self) -> int:
+        """``WarmUpAndCosineDecay``'s ``round(warmup_epochs * N // B)``: floored, then rounded."""
+        examples = self.settings.warmup_epochs * self.examples_per_epoch
+        return round(examples // self.global_batch_size)
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         (x1, x2), labels = batch
