@@ -28,7 +28,7 @@ from sslzoo.methods.dino import DINO
 from sslzoo.methods.mocov3 import MoCoV3
 from sslzoo.methods.simclr import SimCLR
 from sslzoo.methods.swav import SwAV
-from sslzoo.methods.sync_batchnorm import SyncBatchNorm
+from sslzoo.nn.sync_batchnorm import SyncBatchNorm
 from tests.conftest import TINY_RESNET
 from tests.helpers import quiet_trainer
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from sslzoo.evaluation import extract_features
-from sslzoo.methods.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
+from sslzoo.nn.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 from tests import ddp_helpers as H
 
 FIRST_STEP_RTOL = 1e-4

@@ -14,7 +14,7 @@ from torch import nn
 from sslzoo.callbacks.ema import EMATeacher, ema_update
 from sslzoo.methods.base import TeacherUpdate
 from sslzoo.methods.byol import BYOL
-from sslzoo.methods.schedules import cosine_to_one
+from sslzoo.optim.schedules import cosine_to_one
 from tests.conftest import TINY_RESNET
 from tests.helpers import digits, quiet_trainer
 

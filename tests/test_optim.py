@@ -20,10 +20,10 @@ from torch import nn
 import sslzoo.methods as methods
 from sslzoo.methods import optim
 from sslzoo.methods.byol import BYOL
-from sslzoo.methods.lars import LARS
-from sslzoo.methods.optim import build_optimizer, decay_groups, split_decay, use_fused
-from sslzoo.methods.schedules import warmup_cosine
 from sslzoo.methods.simclr import SimCLR
+from sslzoo.optim.lars import LARS
+from sslzoo.optim.optimizers import build_optimizer, decay_groups, split_decay, use_fused
+from sslzoo.optim.schedules import warmup_cosine
 from tests.conftest import TINY_RESNET
 from tests.helpers import digits, quiet_trainer
 from tests.test_host_sync import HostSync, host_syncs_refused

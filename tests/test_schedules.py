@@ -8,7 +8,7 @@ from unittest import mock
 import pytest
 
 import sslzoo.methods as methods
-from sslzoo.methods.schedules import cosine_to_one, linear_warmup, warmup_cosine
+from sslzoo.optim.schedules import cosine_to_one, linear_warmup, warmup_cosine
 from tests.conftest import SMALL_SWAV, TINY_RESNET
 
 

@@ -25,9 +25,9 @@ from PIL import Image
 from torch import nn
 
 from sslzoo.backbones import Backbone, build_backbone
-from sslzoo.methods.lars import TrustRatio
-from sslzoo.methods.optim import OptimizerName, build_optimizer, decay_groups, split_decay
-from sslzoo.methods.schedules import cosine_to_one, warmup_cosine
+from sslzoo.optim.lars import TrustRatio
+from sslzoo.optim.optimizers import OptimizerName, build_optimizer, decay_groups, split_decay
+from sslzoo.optim.schedules import cosine_to_one, warmup_cosine
 
 ViewTransform = Callable[[Image.Image], list[torch.Tensor]]
 # SSLMethod's own on_after_batch_transfer (device views) is meant to run with any datamodule
@@ -372,8 +372,8 @@ class SSLMethod(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Synchronise BatchNorm over all ranks when asked to and training on several: torch's
-        SyncBatchNorm on CUDA, :class:`sslzoo.methods.sync_batchnorm.SyncBatchNorm` elsewhere."""
-        from sslzoo.methods.sync_batchnorm import convert_sync_batchnorm
+        SyncBatchNorm on CUDA, :class:`sslzoo.nn.sync_batchnorm.SyncBatchNorm` elsewhere."""
+        from sslzoo.nn.sync_batchnorm import convert_sync_batchnorm
 
         if self.settings.sync_batchnorm and self.trainer.world_size > 1:
             group = self.sync_batchnorm_group()

@@ -21,8 +21,8 @@ from sslzoo.augment.tf_recipe import TFRecipe
 from sslzoo.backbones import build_backbone
 from sslzoo.methods.base import LRScaling, SSLMethod, frozen, frozen_copy, init_arguments
 from sslzoo.methods.byol_views import BYOLPairViews
-from sslzoo.methods.lars import TrustRatio
-from sslzoo.methods.optim import OptimizerName
+from sslzoo.optim.lars import TrustRatio
+from sslzoo.optim.optimizers import OptimizerName
 
 TargetInit = Literal["random", "copy"]
 

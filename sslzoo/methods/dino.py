@@ -45,10 +45,10 @@ from sslzoo.methods.base import (
     frozen_copy,
     init_arguments,
 )
-from sslzoo.methods.dino_vit import dino_vit_setup
-from sslzoo.methods.lars import TrustRatio
-from sslzoo.methods.optim import OptimizerName
-from sslzoo.methods.schedules import linear_warmup
+from sslzoo.nn.vit import dino_vit_setup
+from sslzoo.optim.lars import TrustRatio
+from sslzoo.optim.optimizers import OptimizerName
+from sslzoo.optim.schedules import linear_warmup
 
 # ------------------------------------------------------------------------------------- head
 

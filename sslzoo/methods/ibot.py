@@ -46,8 +46,8 @@ from sslzoo.methods.dino import (
     update_center,
     weight_normed_linear,
 )
-from sslzoo.methods.lars import TrustRatio
-from sslzoo.methods.optim import OptimizerName
+from sslzoo.optim.lars import TrustRatio
+from sslzoo.optim.optimizers import OptimizerName
 
 PredShape = Literal["block", "rand"]
 

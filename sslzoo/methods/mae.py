@@ -27,7 +27,7 @@ from torch import nn
 
 from sslzoo.augment.views import mae_views
 from sslzoo.methods.base import LRScaling, SSLMethod, ViewTransform, init_arguments
-from sslzoo.methods.optim import OptimizerName
+from sslzoo.optim.optimizers import OptimizerName
 
 
 def sincos_pos_embed_2d(

@@ -41,8 +41,8 @@ from sslzoo.methods.base import (
     init_arguments,
 )
 from sslzoo.methods.byol_views import BYOLPairViews
-from sslzoo.methods.lars import TrustRatio
-from sslzoo.methods.optim import OptimizerName
+from sslzoo.optim.lars import TrustRatio
+from sslzoo.optim.optimizers import OptimizerName
 
 
 class MoCoV3MLP(nn.Sequential):

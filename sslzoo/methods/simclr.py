@@ -24,8 +24,8 @@ from sslzoo.augment.tf_color import ColorOps
 from sslzoo.augment.tf_recipe import TFRecipe
 from sslzoo.augment.views import simclr_views
 from sslzoo.methods.base import LRScaling, SSLMethod, ViewTransform, init_arguments
-from sslzoo.methods.lars import TrustRatio
-from sslzoo.methods.optim import OptimizerName
+from sslzoo.optim.lars import TrustRatio
+from sslzoo.optim.optimizers import OptimizerName
 
 
 class SimCLRProjectionHead(nn.Sequential):

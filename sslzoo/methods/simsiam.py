@@ -25,7 +25,7 @@ from torch import nn
 
 from sslzoo.augment.views import simsiam_views
 from sslzoo.methods.base import LRScaling, SSLMethod, ViewTransform, init_arguments
-from sslzoo.methods.optim import OptimizerName, decay_groups, split_decay
+from sslzoo.optim.optimizers import OptimizerName, decay_groups, split_decay
 
 LRUpdate = Literal["epoch", "step"]
 

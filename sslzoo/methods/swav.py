@@ -39,8 +39,8 @@ from sslzoo.methods.base import (
     forward_multicrop,
     init_arguments,
 )
-from sslzoo.methods.lars import TrustRatio
-from sslzoo.methods.optim import OptimizerName
+from sslzoo.optim.lars import TrustRatio
+from sslzoo.optim.optimizers import OptimizerName
 from sslzoo.sharding import full_tensor
 
 
@@ -164,7 +164,7 @@ class SwAV(SSLMethod):
     full (the official test of its last row).
 
     Optimiser: the official code wraps SGD in LARC (trust 0.001, no clipping) over all
-    parameters with weight decay 1e-6, biases and BN included; :class:`sslzoo.methods.lars.LARS`
+    parameters with weight decay 1e-6, biases and BN included; :class:`sslzoo.optim.lars.LARS`
     with ``trust_ratio="larc"`` and one decayed group is the same update
     (``exclude_bias_and_norm=False``). ``min_lr`` and ``start_warmup_lr`` are absolute, like
     ``final_lr`` and ``start_warmup`` in main_swav.py: the defaults are the batch-4096 recipe's,

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from sslzoo.methods.lars import LARS, TrustRatio
+from sslzoo.optim.lars import LARS, TrustRatio
 
 OptimizerName = Literal["sgd", "lars", "adamw"]
 
@@ -67,7 +67,7 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """Build the optimizer; each group carries its own ``weight_decay``.
 
-    LARS is :class:`sslzoo.methods.lars.LARS` with ``trust_ratio`` and ``lr_in_momentum``; it
+    LARS is :class:`sslzoo.optim.lars.LARS` with ``trust_ratio`` and ``lr_in_momentum``; it
     adapts the groups that do not set ``lars_adapt=False`` (the official recipes exclude biases
     and norms from both decay and adaptation: the no-decay group says so).
 

@@ -1,0 +1,2 @@
+"""Optimizers (SGD, AdamW, the two LARS forms), parameter groups, and schedules as functions
+of the step."""
