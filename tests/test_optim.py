@@ -18,7 +18,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
 import sslzoo.methods as methods
-from sslzoo.methods import optim
+from sslzoo.optim import optimizers as optim
 from sslzoo.methods.byol import BYOL
 from sslzoo.methods.simclr import SimCLR
 from sslzoo.optim.lars import LARS
