@@ -167,6 +167,13 @@ class SSLZooCLI(LightningCLI):
         if self.run_plan.resumes:  # of course its checkpoints folder is not empty
             warnings.filterwarnings("ignore", message="Checkpoint directory .* not empty")
 
+    def instantiate_classes(self) -> None:
+        """Build the classes, then hand the model's view recipe to the datamodule, which
+        builds the training views from it (unless it was given a recipe of its own)."""
+        super().instantiate_classes()
+        if self.datamodule is not None and getattr(self.datamodule, "views", None) is None:
+            self.datamodule.views = getattr(self.model, "views", None)
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Trainer:
         root = config.get("default_root_dir") or "runs/default"
         if config.get("logger") in (None, True):

@@ -201,7 +201,7 @@ def _device_type(images: torch.Tensor | Sequence[torch.Tensor]) -> str:
     return first.device.type
 
 
-def _lightly_view(
+def lightly_view(
     input_size: int,
     mean: Sequence[float],
     std: Sequence[float],
@@ -262,7 +262,7 @@ def simclr_views(
     """Two views as lightly's ``SimCLRTransform``; ``official`` may set the recipe's
     ``interpolation``, ``crop_sampler``, ``blur_kernel_size``, ``blur_padding`` and
     ``color_ops``."""
-    view = _lightly_view(
+    view = lightly_view(
         input_size, mean, std, cj_prob, cj_strength, (cj_bright, cj_contrast, cj_sat, cj_hue),
         min_scale, random_gray_scale, gaussian_blur, sigmas, hf_prob, **official,
     )  # fmt: skip
@@ -305,7 +305,7 @@ def byol_views(
     )
     pairs = zip(gaussian_blur, solarization_prob, strict=True)
     return DeviceViews(
-        [_lightly_view(gaussian_blur=b, solarization_prob=s, **common) for b, s in pairs]
+        [lightly_view(gaussian_blur=b, solarization_prob=s, **common) for b, s in pairs]
     )
 
 
@@ -360,7 +360,7 @@ def dino_views(recipe: MultiCropRecipe) -> DeviceViews:
     r = recipe
     return DeviceViews(
         [
-            _lightly_view(
+            lightly_view(
                 size,
                 r.mean,
                 r.std,
@@ -406,7 +406,7 @@ def swav_views(
     recipes: list[ViewRecipe] = []
     settings = zip(crop_sizes, crop_counts, crop_min_scales, crop_max_scales, strict=True)
     for size, count, low, high in settings:
-        recipe = _lightly_view(
+        recipe = lightly_view(
             size, mean, std, cj_prob, cj_strength, jitter, low, random_gray_scale,
             gaussian_blur, tuple(sigmas), hf_prob, 0.0, high,
         )  # fmt: skip

@@ -37,7 +37,7 @@ def ema_update(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
 class EMATeacher(L.Callback):
     """Update every (student, teacher) pair the method declares in ``teacher_pairs()``, when
     and with the momentum its ``teacher_update()`` declares (a ``TeacherUpdate`` of
-    :mod:`sslzoo.methods.base`): after each optimizer step k with m_k, or at the start of
+    :mod:`sslzoo.nn.teachers`): after each optimizer step k with m_k, or at the start of
     step k, before its forward, with m_k.
 
     The update runs once per optimizer step, never on further gradient-accumulation

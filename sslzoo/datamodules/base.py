@@ -1,17 +1,23 @@
 """The datamodule contract: multi-view training images, labeled images for the kNN bank, and
-labeled validation images. The view recipe comes from the method being trained."""
+labeled validation images. The views are built from a view recipe
+(:mod:`sslzoo.augment.recipes`), the model's own: ``sslzoo fit`` hands it over; in Python,
+``datamodule.views = model.views``."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import torch
 import torchvision.transforms as T
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from sslzoo.augment.crops import CropViews
+from sslzoo.augment.on_device import compile_views, seed_device_augmentation
+from sslzoo.augment.recipes import Views
 from sslzoo.datamodules.epoch_loader import EpochSeededLoader
 from sslzoo.datamodules.images import Transform, collate_skip_none
 from sslzoo.errors import ConfigError, DataError
@@ -52,6 +58,8 @@ class SSLDataModule(L.LightningDataModule):
         self.image_size = image_size
         self.eval_resize_ratio = eval_resize_ratio
         self.pin_memory = pin_memory
+        self.views: Views | None = None  # the model's recipe (see the module's docstring)
+        self._device_views: tuple[torch.device, nn.Module] | None = None
         self.train_set: Dataset | None = None
         self.bank_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -82,25 +90,49 @@ class SSLDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     device_augment: bool = False  # subclasses that support it take it as an argument
+    compile_augment: bool = False
 
-    def train_transform(self, module: L.LightningModule) -> Transform:
-        """The per-image training transform: the method's views, or with ``device_augment``
-        only their crops and flips (uint8, see :class:`~sslzoo.augment.CropViews`), whose
-        photometric steps the method then runs on the device."""
-        if not self.device_augment:
-            return module.view_transform(self.image_size, self.mean, self.std)
-        device_views = module.device_view_transform(self.image_size, self.mean, self.std)
-        if device_views is None:
+    def train_transform(self) -> Transform:
+        """The per-image training transform: the recipe's PIL views, or with
+        ``device_augment`` only their crops and flips (uint8, see
+        :class:`~sslzoo.augment.CropViews`), whose photometric steps then run on the device
+        (:meth:`on_after_batch_transfer`)."""
+        if self.views is None:
             raise ConfigError(
-                f"{type(module).__name__} has no device views (device_view_transform); "
-                "set device_augment: false for it"
+                f"{type(self).__name__} has no view recipe to train with: set "
+                "datamodule.views = model.views (sslzoo fit does it)"
             )
-        return CropViews(device_views.recipes)
+        if not self.device_augment:
+            return self.views.pil(self.image_size, tuple(self.mean), tuple(self.std))
+        return self.views.worker_crops(self.image_size, tuple(self.mean), tuple(self.std))
+
+    def device_views(self, device: torch.device) -> nn.Module:
+        """The recipe's device views on ``device`` (built once per device, compiled with
+        ``compile_augment``)."""
+        if self._device_views is None or self._device_views[0] != device:
+            views = self.views.device(self.image_size, tuple(self.mean), tuple(self.std))
+            views = views.to(device)
+            if self.compile_augment:
+                views = compile_views(views)
+            self._device_views = (device, views)
+        return self._device_views[1]
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """A training batch of uint8 images, or of uint8 views already cropped in the workers,
+        becomes ``(views, labels)`` here, on its device, each image drawing its own
+        augmentation; evaluation batches pass unchanged."""
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            return batch
+        images, labels = batch
+        first = images[0] if isinstance(images, (tuple, list)) and images else images
+        if not (isinstance(first, torch.Tensor) and first.dtype == torch.uint8):
+            return batch
+        if self.trainer is not None and self.trainer.training:
+            seed_device_augmentation(self.trainer, first.device)
+        return self.device_views(first.device)(images), labels
 
     def setup(self, stage: str) -> None:
-        views = None
-        if self.trainer is not None and self.trainer.lightning_module is not None:
-            views = self.train_transform(self.trainer.lightning_module)
+        views = self.train_transform() if stage == "fit" else None
         self.build_datasets(views, self.eval_transform())
         if stage == "fit":
             self.check_full_batch()

@@ -42,7 +42,7 @@ class CIFAR10DataModule(SSLDataModule):
         subset_per_class: keep at most this many images per class in each split (quick runs).
         subset_seed: seed of that choice.
         device_augment: cut training batches on the device and augment them there with the
-            method's :meth:`~sslzoo.methods.base.SSLMethod.device_view_transform`.
+            recipe's device views (:meth:`~sslzoo.augment.recipes.Views.device`).
         compile_augment: with ``device_augment``, run the views through ``torch.compile``
             (fuses their elementwise steps; compiling takes a while once per run).
     """

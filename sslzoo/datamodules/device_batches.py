@@ -1,6 +1,6 @@
 """Training batches of in-memory uint8 images cut on the training device: no worker processes,
 no PIL. The method turns each uint8 batch into its views on the device
-(:meth:`sslzoo.methods.base.SSLMethod.on_after_batch_transfer`)."""
+(:meth:`sslzoo.datamodules.base.SSLDataModule.on_after_batch_transfer`)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class DeviceBatches:
     (seeded by the global seed and the epoch, the same on every rank) of which rank r takes
     every world-size-th index, cut into full batches with ``index_select`` on the device.
     ``state_dict``/``load_state_dict`` resume mid-epoch at the next batch. (The method seeds
-    the augmentation of each batch itself: see ``SSLMethod.on_after_batch_transfer``.)
+    the augmentation of each batch itself: see ``SSLDataModule.on_after_batch_transfer``.)
 
     Args:
         dataset: the training images.

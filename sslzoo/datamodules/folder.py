@@ -83,7 +83,7 @@ class ImageFolderDataModule(SSLDataModule):
         std: normalisation std.
         device_augment: workers decode each image and cut its views (random resized crop and
             flip, uint8); the method runs the photometric steps on the device with
-            :meth:`~sslzoo.methods.base.SSLMethod.device_view_transform`.
+            :meth:`~sslzoo.augment.recipes.Views.device`.
         compile_augment: with ``device_augment``, run the device steps through
             ``torch.compile``.
     """

@@ -1,38 +1,33 @@
-"""The contract every method fills in: backbone, heads, loss, views, parameter groups, teachers.
+"""The contract every method fills in: backbone, heads, loss, views recipe, teachers.
 
-A method subclasses :class:`SSLMethod`, builds its heads in ``__init__``, returns its view recipe
-from :meth:`view_transform`, and writes ``training_step`` like the paper's pseudocode, ending
-with ``return self.training_outputs(...)``. Optimizer, learning-rate and weight-decay schedules,
+A method subclasses :class:`SSLMethod`, declares its official view recipe (``views``) and
+optimisation settings (``optim``) as typed arguments with the official defaults, builds its
+heads in ``__init__``, sets its loss as ``self.criterion``, and writes ``training_step`` like
+the paper's pseudocode, ending with ``return self.training_outputs(...)``. The datamodule
+builds the views from the recipe; the optimizer, learning-rate and weight-decay schedules,
 linear LR scaling and feature extraction for evaluation live here.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import inspect
 import math
-import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from PIL import Image
 from torch import nn
 
+from sslzoo.augment.recipes import Views
 from sslzoo.backbones import Backbone, build_backbone
-from sslzoo.optim.lars import TrustRatio
-from sslzoo.optim.optimizers import OptimizerName, build_optimizer, decay_groups, split_decay
-from sslzoo.optim.schedules import cosine_to_one, warmup_cosine
+from sslzoo.nn.teachers import TeacherUpdate
+from sslzoo.optim.optimizers import build_optimizer, decay_groups, split_decay
+from sslzoo.optim.schedules import warmup_cosine
+from sslzoo.optim.settings import Optimization, as_settings
 
-ViewTransform = Callable[[Image.Image], list[torch.Tensor]]
-# SSLMethod's own on_after_batch_transfer (device views) is meant to run with any datamodule
-warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer` in `LightningM")
-LRScaling = Literal["linear", "sqrt", "none"]
 NONFINITE_CHECK_EVERY = 25  # training batches between checks for a non-finite loss
 
 
@@ -42,74 +37,15 @@ def embedding_std(z: torch.Tensor) -> torch.Tensor:
     return F.normalize(z.detach().float(), dim=1).std(dim=0).mean()
 
 
-def init_arguments(parent: type, values: dict[str, Any], **overrides: Any) -> dict[str, Any]:
-    """The arguments of ``parent.__init__`` found among a subclass's ``__init__`` locals, with
-    ``overrides``: ``super().__init__(**init_arguments(SSLMethod, locals()))`` passes every
-    shared setting a method re-declares (with its own default) up to the base class."""
-    names = [n for n in inspect.signature(parent.__init__).parameters if n != "self"]
-    return {**{n: values[n] for n in names if n in values}, **overrides}
-
-
-def compile_views(views: nn.Module, backend: str = "inductor") -> nn.Module:
-    """``torch.compile`` the device views as one graph: the whole module, or its ``views``
-    submodule when it also does host work (iBOT's masks)."""
-    from sslzoo.augment import DeviceViews
-
-    if isinstance(views, DeviceViews):
-        return torch.compile(views, fullgraph=True, backend=backend)
-    views.views = torch.compile(views.views, fullgraph=True, backend=backend)
-    return views
-
-
-def frozen(module: nn.Module) -> nn.Module:
-    """``module`` with gradients off, used as an EMA teacher."""
-    for p in module.parameters():
-        p.requires_grad = False
-    return module
-
-
-def frozen_copy(module: nn.Module) -> nn.Module:
-    """A deep copy with gradients off, used as an EMA teacher."""
-    return frozen(copy.deepcopy(module))
-
-
-def forward_multicrop(module: nn.Module, views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Run ``module`` once per run of consecutive same-resolution views (DINO's
-    ``MultiCropWrapper``, SwAV's grouping by crop size) and split the output back per view."""
-    outputs: list[torch.Tensor] = []
-    start = 0
-    while start < len(views):
-        end = start + 1
-        while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
-            end += 1
-        outputs += list(module(torch.cat(list(views[start:end]))).chunk(end - start))
-        start = end
-    return outputs
-
-
-@dataclass(frozen=True)
-class TeacherUpdate:
-    """When and with which momentum the EMA callback updates a method's teachers
-    (:meth:`SSLMethod.teacher_update`): ``t <- m t + (1 - m) s`` once per optimizer step k.
-
-    Args:
-        base_momentum: m0.
-        cosine: ``m_k = 1 - (1 - m0)(1 + cos(pi k / K)) / 2`` over the K optimizer steps of the
-            run; False keeps m0.
-        before_step: update at the start of step k, before its forward, so the step's targets
-            come from the teacher updated with m_k (MoCo v3); False: after step k's optimizer
-            step (BYOL, DINO, iBOT).
-    """
-
-    base_momentum: float
-    cosine: bool = True
-    before_step: bool = False
-
-    def momentum_at(self, step: int, total_steps: int) -> float:
-        """The momentum m_k of optimizer step ``step`` of ``total_steps``."""
-        if not self.cosine:
-            return self.base_momentum
-        return cosine_to_one(step, total_steps, self.base_momentum)
+def declared_default(cls: type, name: str) -> Any:
+    """The default of ``name`` in the nearest ``__init__`` of ``cls``'s MRO that declares it
+    (a subclass passing ``**kwargs`` up keeps its parent's default)."""
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass):
+            parameter = inspect.signature(klass.__init__).parameters.get(name)
+            if parameter is not None and parameter.default is not inspect.Parameter.empty:
+                return parameter.default
+    return None
 
 
 class SSLMethod(L.LightningModule):
@@ -124,25 +60,12 @@ class SSLMethod(L.LightningModule):
         zero_init_residual: start the last BatchNorm of every residual block of a ResNet
             backbone, torchvision's or timm's, at zero scale; ``None`` keeps the library's
             default (off in torchvision, on in timm); other backbones ignore it.
-        optimizer: ``sgd``, ``lars`` or ``adamw``.
-        lr: base learning rate; scaled by the global batch according to ``lr_scaling``.
-        lr_scaling: ``linear`` (lr x batch / 256), ``sqrt`` (lr x sqrt(batch)) or ``none``.
-        weight_decay: weight decay of weights; biases and norms get none.
-        weight_decay_end: if set, weight decay follows a cosine from ``weight_decay`` to this.
-        momentum: SGD/LARS momentum.
-        betas: AdamW betas.
-        warmup_epochs: linear learning-rate warmup length, in epochs (fractions allowed).
-        start_warmup_lr: learning rate at step 0 of the warmup.
-        min_lr: learning rate at the end of the cosine decay (not scaled).
-        lars_trust_coefficient: LARS trust coefficient (eta).
-        lars_trust_ratio: ``update`` (eta ||w|| / ||g + wd w||: SimCLR, MoCo v3, BYOL, DINO)
-            or ``larc`` (eta ||w|| / (||g|| + wd ||w||): apex LARC, as SwAV runs it).
-        lars_lr_in_momentum: LARS scales the update by the learning rate before the momentum
-            buffer (SimCLR's ``classic_momentum``) rather than after (torch's SGD).
-        exclude_bias_and_norm: exclude biases and norm parameters from weight decay and LARS
-            adaptation.
         sync_batchnorm: convert BatchNorm layers to SyncBatchNorm when training on several
             devices.
+        views: the view recipe (:mod:`sslzoo.augment.recipes`); each method's default is its
+            official one. The datamodule builds the views from it.
+        optim: the optimisation settings (:class:`~sslzoo.optim.settings.Optimization`); each
+            method's default is its official recipe.
     """
 
     # the warmup's ramp reaches the peak at its last step (np.linspace) rather than the next
@@ -154,118 +77,43 @@ class SSLMethod(L.LightningModule):
         backbone_kwargs: dict[str, Any] | None = None,
         cifar_stem: bool = False,
         zero_init_residual: bool | None = None,
-        optimizer: OptimizerName = "sgd",
-        lr: float = 0.05,
-        lr_scaling: LRScaling = "linear",
-        weight_decay: float = 1e-4,
-        weight_decay_end: float | None = None,
-        momentum: float = 0.9,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_epochs: float = 0.0,
-        start_warmup_lr: float = 0.0,
-        min_lr: float = 0.0,
-        lars_trust_coefficient: float = 1e-3,
-        lars_trust_ratio: TrustRatio = "update",
-        lars_lr_in_momentum: bool = False,
-        exclude_bias_and_norm: bool = True,
         sync_batchnorm: bool = False,
+        views: Views | None = None,
+        optim: Optimization = Optimization(),
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.settings = SimpleNamespace(
-            optimizer=optimizer,
-            lr=lr,
-            lr_scaling=lr_scaling,
-            weight_decay=weight_decay,
-            weight_decay_end=weight_decay_end,
-            momentum=momentum,
-            betas=tuple(betas),
-            warmup_epochs=warmup_epochs,
-            start_warmup_lr=start_warmup_lr,
-            min_lr=min_lr,
-            lars_trust_coefficient=lars_trust_coefficient,
-            lars_trust_ratio=lars_trust_ratio,
-            lars_lr_in_momentum=lars_lr_in_momentum,
-            exclude_bias_and_norm=exclude_bias_and_norm,
-            sync_batchnorm=sync_batchnorm,
-        )
-        kwargs = dict(backbone_kwargs or {})
-        given = kwargs.pop("zero_init_residual", None)
-        if None not in (given, zero_init_residual) and given != zero_init_residual:
-            raise ValueError(
-                f"backbone_kwargs.zero_init_residual={given} contradicts "
-                f"zero_init_residual={zero_init_residual}: set zero_init_residual only"
-            )
-        self.backbone: Backbone = build_backbone(
-            backbone,
-            cifar_stem=cifar_stem,
-            zero_init_residual=given if zero_init_residual is None else zero_init_residual,
-            **kwargs,
-        )
+        cls = type(self)
+        self.views = as_settings(views, declared_default(cls, "views"))
+        self.optim: Optimization = as_settings(optim, declared_default(cls, "optim"))
+        # checkpoints hold plain values (weights_only loading): the settings as mappings
+        for name in ("views", "optim"):
+            value = getattr(self, name)
+            self.hparams[name] = dataclasses.asdict(value) if value is not None else None
+        self.sync_batchnorm = sync_batchnorm
+        self._backbone_arguments = (backbone, backbone_kwargs, cifar_stem, zero_init_residual)
+        self.backbone: Backbone = self.new_backbone()
+        self.criterion: nn.Module | None = None  # the loss; each method sets its own
         self._steps_per_epoch: int | None = None
         # first optimizer step with a non-finite loss, -1 if none: kept on the device so the
         # training step never waits for the host
         self.register_buffer("_first_nonfinite_step", torch.tensor(-1), persistent=False)
 
+    def new_backbone(self) -> Backbone:
+        """A freshly initialised backbone as the arguments describe (the student's, or a
+        teacher drawn on its own)."""
+        name, kwargs, cifar_stem, chosen = self._backbone_arguments
+        kwargs = dict(kwargs or {})
+        given = kwargs.pop("zero_init_residual", None)
+        if None not in (given, chosen) and given != chosen:
+            raise ValueError(
+                f"backbone_kwargs.zero_init_residual={given} contradicts "
+                f"zero_init_residual={chosen}: set zero_init_residual only"
+            )
+        zero_init = given if chosen is None else chosen
+        return build_backbone(name, cifar_stem=cifar_stem, zero_init_residual=zero_init, **kwargs)
+
     # ----------------------------------------------------------------- method contract
-    def view_transform(
-        self, image_size: int, mean: Sequence[float], std: Sequence[float]
-    ) -> ViewTransform:
-        """The multi-view recipe: maps one PIL image to the list of augmented views."""
-        raise NotImplementedError
-
-    def device_view_transform(
-        self, image_size: int, mean: Sequence[float], std: Sequence[float]
-    ) -> nn.Module | None:
-        """The same recipe on whole batches on the device (:mod:`sslzoo.augment`): maps a uint8
-        batch (N, 3, H, W) to the list of views, each image with its own parameters. None if
-        the method has none (then it trains only from per-image views)."""
-        return None
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """A batch of uint8 images, or of uint8 views already cropped in the workers (from a
-        datamodule with ``device_augment``), becomes ``(views, labels)`` here, on its device,
-        so ``training_step`` is unchanged."""
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            return batch
-        images, labels = batch
-        first = images[0] if isinstance(images, (tuple, list)) and images else images
-        if not (isinstance(first, torch.Tensor) and first.dtype == torch.uint8):
-            return batch
-        cache = getattr(self, "_device_views", None)  # a dict: not registered as a submodule
-        if cache is None or cache["device"] != first.device:
-            dm = self.trainer.datamodule if self._trainer is not None else None
-            if dm is None:
-                raise RuntimeError("uint8 batches need a datamodule giving image_size/mean/std")
-            views = self.device_view_transform(dm.image_size, dm.mean, dm.std)
-            if views is None:
-                raise ValueError(f"{type(self).__name__} has no device views for uint8 batches")
-            views = views.to(first.device)
-            if getattr(dm, "compile_augment", False):
-                views = compile_views(views)
-            self._device_views = cache = {"device": first.device, "views": views}
-        if self._trainer is not None and self.trainer.training:
-            self._seed_device_augmentation(first.device)
-        return cache["views"](images), labels
-
-    def _seed_device_augmentation(self, device: torch.device) -> None:
-        """Seed ``device``'s generator from (global seed, epoch, batch index, rank), so the
-        views of a batch do not depend on what ran before it (a mid-epoch resume draws the
-        same views). Seeding is host-side state: no sync with the device."""
-        from sslzoo.seeding import derive_seed, global_seed
-
-        trainer = self.trainer
-        batch_idx = trainer.fit_loop.epoch_loop.batch_idx + 1  # the batch being transferred
-        key = [global_seed(), trainer.current_epoch, batch_idx, trainer.global_rank]
-        # the trailing 7 keeps these seeds apart from BatchSeed's seed of the same batch
-        seed = derive_seed(*key, 7)
-        if device.type == "cuda":
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            torch.cuda.default_generators[index].manual_seed(seed)
-        # host-side draws of the views too (iBOT's masks); BatchSeed reseeds the host
-        # generators for the training step itself
-        torch.default_generator.manual_seed(seed)
-
     def teacher_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(student, teacher) module pairs updated by the EMA callback; none by default."""
         return []
@@ -288,8 +136,8 @@ class SSLMethod(L.LightningModule):
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Optimizer parameter groups. A group with ``fixed_lr=True`` keeps the scaled base
         learning rate instead of following the schedule."""
-        decay, no_decay = split_decay(self.named_parameters(), self.settings.exclude_bias_and_norm)
-        return decay_groups(decay, no_decay, self.settings.weight_decay)
+        decay, no_decay = split_decay(self.named_parameters(), self.optim.exclude_bias_and_norm)
+        return decay_groups(decay, no_decay, self.optim.weight_decay)
 
     # ----------------------------------------------------------------- shared helpers
     def training_outputs(
@@ -375,7 +223,7 @@ class SSLMethod(L.LightningModule):
         SyncBatchNorm on CUDA, :class:`sslzoo.nn.sync_batchnorm.SyncBatchNorm` elsewhere."""
         from sslzoo.nn.sync_batchnorm import convert_sync_batchnorm
 
-        if self.settings.sync_batchnorm and self.trainer.world_size > 1:
+        if self.sync_batchnorm and self.trainer.world_size > 1:
             group = self.sync_batchnorm_group()
             convert_sync_batchnorm(self, group, device=self.trainer.strategy.root_device)
 
@@ -396,7 +244,7 @@ class SSLMethod(L.LightningModule):
     @property
     def scaled_lr(self) -> float:
         """The peak learning rate after batch-size scaling."""
-        lr, scaling = self.settings.lr, self.settings.lr_scaling
+        lr, scaling = self.optim.lr, self.optim.lr_scaling
         if scaling == "linear":
             return lr * self.global_batch_size / 256
         if scaling == "sqrt":
@@ -421,13 +269,13 @@ class SSLMethod(L.LightningModule):
     @property
     def warmup_steps(self) -> int:
         """Optimizer steps of the learning-rate warmup."""
-        return round(self.settings.warmup_epochs * self.steps_per_epoch)
+        return round(self.optim.warmup_epochs * self.steps_per_epoch)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         groups = self.parameter_groups()
         for g in groups:
             g["base_weight_decay"] = g["weight_decay"]
-        st = self.settings
+        st = self.optim
         # A fused step unscales fp16 gradients itself, after the gradient hooks and clipping
         # (DINO's per-parameter clip) that need them unscaled: not fused under a GradScaler.
         plugin = self.trainer.precision_plugin if self._trainer is not None else None
@@ -446,7 +294,7 @@ class SSLMethod(L.LightningModule):
 
     def learning_rate_at(self, step: int) -> float:
         """Scheduled learning rate at optimizer step ``step``."""
-        st = self.settings
+        st = self.optim
         return warmup_cosine(
             step,
             self.total_steps,
@@ -459,7 +307,7 @@ class SSLMethod(L.LightningModule):
 
     def weight_decay_at(self, step: int, base: float) -> float:
         """Scheduled weight decay of a group whose base decay is ``base``."""
-        end = self.settings.weight_decay_end
+        end = self.optim.weight_decay_end
         if end is None or base == 0.0:
             return base
         return warmup_cosine(step, self.total_steps, 0, base, end)

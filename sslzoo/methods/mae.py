@@ -16,50 +16,32 @@ token after the final norm, the feature of MAE's linear-probe protocol.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
-from lightly.transforms import MAETransform
 from timm.layers import LayerNorm
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from sslzoo.augment.views import mae_views
-from sslzoo.methods.base import LRScaling, SSLMethod, ViewTransform, init_arguments
-from sslzoo.optim.optimizers import OptimizerName
+from sslzoo.augment.recipes import SingleView
+from sslzoo.losses.reconstruction import MaskedReconstructionLoss
+from sslzoo.methods.base import SSLMethod
+from sslzoo.nn.vit import sincos_2d
+from sslzoo.optim.settings import Optimization
+
+VIEWS = SingleView(crop_min_scale=0.2)  # main_pretrain.py: RandomResizedCrop(scale=(0.2, 1))
+# PRETRAIN.md: AdamW (0.9, 0.95), blr 1.5e-4 per 256 images, wd 0.05, 40 warmup epochs
+OPTIM = Optimization(
+    optimizer="adamw", lr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95), warmup_epochs=40.0
+)
 
 
-def sincos_pos_embed_2d(
-    embed_dim: int, grid_size: tuple[int, int], cls_token: bool = True
-) -> torch.Tensor:
-    """The official ``get_2d_sincos_pos_embed`` (mae ``util/pos_embed.py``), shape
-    (1 + H*W if ``cls_token`` else H*W, embed_dim), rows in row-major patch order.
-
-    The first half of the channels encodes the column index w, the second half the row index
-    h; each half is ``[sin(pos * omega), cos(pos * omega)]`` with
-    ``omega_i = 10000 ** (-i / (embed_dim / 4))``. The cls token's row is zero.
-    """
-    if embed_dim % 4:
-        raise ValueError(
-            f"2-D sin-cos position embedding needs embed_dim % 4 == 0, got {embed_dim}"
-        )
-    quarter = embed_dim // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    rows, cols = torch.meshgrid(
-        torch.arange(grid_size[0], dtype=torch.float64),
-        torch.arange(grid_size[1], dtype=torch.float64),
-        indexing="ij",
-    )
-
-    def one_axis(pos: torch.Tensor) -> torch.Tensor:
-        angles = pos.reshape(-1, 1) * omega
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    emb = torch.cat([one_axis(cols), one_axis(rows)], dim=1)
-    if cls_token:
-        emb = torch.cat([torch.zeros(1, embed_dim, dtype=emb.dtype), emb])
-    return emb.float()
+def position_table(dim: int, grid_size: tuple[int, int]) -> torch.Tensor:
+    """The official ``get_2d_sincos_pos_embed`` (mae ``util/pos_embed.py``) with its zero cls
+    row, (1, 1 + H*W, dim): the first half of the channels encodes the column, the second the
+    row, computed in float64 as numpy does."""
+    table = sincos_2d(grid_size, dim, first="cols", dtype=torch.float64)
+    return torch.cat([torch.zeros(1, dim), table])[None]
 
 
 class MAE(SSLMethod):
@@ -78,19 +60,13 @@ class MAE(SSLMethod):
         decoder_num_heads: attention heads of the decoder blocks.
         decoder_mlp_ratio: MLP width of the decoder blocks, relative to their width.
         norm_pix_loss: regress per-patch normalised pixels, (x - mean) / sqrt(var + 1e-6).
-        crop_min_scale: smallest random-resized-crop area fraction (bicubic; flip p=0.5).
         probe_full_image: hand the online probe the cls feature of the whole unmasked image
             (what evaluation sees; one extra gradient-free encoder pass) instead of the cls
             token of the visible patches (free, but not the evaluated input).
         backbone: a timm VisionTransformer name (cls token, no register tokens).
         backbone_kwargs: backbone constructor arguments (``img_size``, ``patch_size``, ...).
-        optimizer: ``adamw`` officially.
-        lr: base learning rate (blr) per 256 images.
-        lr_scaling: ``linear``: lr = blr x batch / 256.
-        weight_decay: AdamW weight decay.
-        betas: AdamW betas.
-        warmup_epochs: linear warmup from 0, then cosine decay.
-        min_lr: final learning rate.
+        views: the official view: a bicubic crop of at least 20% of the image, a flip.
+        optim: AdamW (0.9, 0.95), blr 1.5e-4 per 256 images, wd 0.05, warmup 40 epochs.
     """
 
     # FSDP2: the ViT internals are called directly, not the backbone's forward, so backbones
@@ -105,19 +81,13 @@ class MAE(SSLMethod):
         decoder_num_heads: int = 16,
         decoder_mlp_ratio: float = 4.0,
         norm_pix_loss: bool = True,
-        crop_min_scale: float = 0.2,
         probe_full_image: bool = True,
         backbone: str = "vit_large_patch16_224",
         backbone_kwargs: dict[str, Any] | None = None,
-        optimizer: OptimizerName = "adamw",
-        lr: float = 1.5e-4,
-        lr_scaling: LRScaling = "linear",
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.95),
-        warmup_epochs: float = 40.0,
-        min_lr: float = 0.0,
+        views: SingleView = VIEWS,
+        optim: Optimization = OPTIM,
     ) -> None:
-        super().__init__(**init_arguments(SSLMethod, locals()))
+        super().__init__(backbone, backbone_kwargs, views=views, optim=optim)
         vit = self.backbone.model
         if not (
             isinstance(vit, VisionTransformer)
@@ -138,14 +108,11 @@ class MAE(SSLMethod):
         self.grid_size = tuple(vit.patch_embed.grid_size)
         dim = vit.embed_dim
 
-        vit.pos_embed = nn.Parameter(
-            sincos_pos_embed_2d(dim, self.grid_size).unsqueeze(0), requires_grad=False
-        )
+        vit.pos_embed = nn.Parameter(position_table(dim, self.grid_size), requires_grad=False)
         self.decoder_embed = nn.Linear(dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(
-            sincos_pos_embed_2d(decoder_embed_dim, self.grid_size).unsqueeze(0),
-            requires_grad=False,
+            position_table(decoder_embed_dim, self.grid_size), requires_grad=False
         )
         self.decoder_blocks = nn.ModuleList(
             Block(
@@ -160,6 +127,7 @@ class MAE(SSLMethod):
         self.decoder_norm = LayerNorm(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_size**2 * 3)
         self.initialize_weights()
+        self.criterion = MaskedReconstructionLoss(norm_pix_loss)
 
     def initialize_weights(self) -> None:
         """The official init: patch embedding like a Linear (xavier_uniform on the flattened
@@ -178,20 +146,6 @@ class MAE(SSLMethod):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-
-    def view_transform(
-        self, image_size: int, mean: Sequence[float], std: Sequence[float]
-    ) -> ViewTransform:
-        return MAETransform(
-            input_size=image_size,
-            min_scale=self.hparams.crop_min_scale,
-            normalize={"mean": list(mean), "std": list(std)},
-        )
-
-    def device_view_transform(
-        self, image_size: int, mean: Sequence[float], std: Sequence[float]
-    ) -> nn.Module | None:
-        return mae_views(image_size, mean, std, min_scale=self.hparams.crop_min_scale)
 
     # ----------------------------------------------------------------- the model, top to bottom
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -261,16 +215,8 @@ class MAE(SSLMethod):
     def forward_loss(
         self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        """Mean squared error per patch, averaged over the masked patches only. With
-        ``norm_pix_loss`` each target patch is standardised by its own mean and (unbiased,
-        as ``torch.var``) variance."""
-        target = self.patchify(imgs)
-        if self.hparams.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.0e-6) ** 0.5
-        loss = ((pred - target) ** 2).mean(dim=-1)
-        return (loss * mask).sum() / mask.sum()
+        """The reconstruction loss (``self.criterion``) of the patches of ``imgs``."""
+        return self.criterion(self.patchify(imgs), pred, mask)
 
     def forward(
         self, imgs: torch.Tensor, mask_ratio: float | None = None

@@ -24,144 +24,41 @@ query, key and value weights separately with xavier-uniform; see :func:`moco_vit
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from lightly.utils.dist import gather
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from sslzoo.methods.base import (
-    LRScaling,
-    SSLMethod,
-    TeacherUpdate,
-    frozen_copy,
-    init_arguments,
-)
-from sslzoo.methods.byol_views import BYOLPairViews
-from sslzoo.optim.lars import TrustRatio
-from sslzoo.optim.optimizers import OptimizerName
+from sslzoo.augment.recipes import TwoViews
+from sslzoo.losses.contrastive import InfoNCELoss
+from sslzoo.methods.base import SSLMethod
+from sslzoo.nn.heads import mlp
+from sslzoo.nn.teachers import TeacherUpdate, frozen_copy
+from sslzoo.nn.vit import moco_vit_setup
+from sslzoo.optim.settings import Optimization
+
+# main_moco.py: BYOL's asymmetric pair (blur 1.0 / 0.1, solarisation 0 / 0.2) with
+# torchvision's ops, crops of at least 20% (--crop-min=.2; 0.08 for ViTs)
+VIEWS = TwoViews(crop_min_scale=0.2)
+# CONFIG.md, ResNet-50 100 epochs: LARS 0.6 per 256 images, wd 1e-6, 10 warmup epochs
+OPTIM = Optimization(optimizer="lars", lr=0.6, weight_decay=1e-6, warmup_epochs=10.0)
 
 
-class MoCoV3MLP(nn.Sequential):
+def moco_mlp(
+    num_layers: int, input_dim: int, hidden_dim: int, output_dim: int, last_bn: bool
+) -> nn.Sequential:
     """The MLP of the official ``_build_mlp``: hidden layers Linear(no bias) -> BN -> ReLU,
     then a last Linear(no bias), followed by ``BatchNorm1d(affine=False)`` when ``last_bn``."""
-
-    def __init__(
-        self,
-        num_layers: int,
-        input_dim: int,
-        hidden_dim: int,
-        output_dim: int,
-        last_bn: bool = True,
-    ) -> None:
-        layers: list[nn.Module] = []
-        dim = input_dim
-        for _ in range(num_layers - 1):
-            layers += [
-                nn.Linear(dim, hidden_dim, bias=False),
-                nn.BatchNorm1d(hidden_dim),
-                nn.ReLU(),
-            ]
-            dim = hidden_dim
-        layers.append(nn.Linear(dim, output_dim, bias=False))
-        if last_bn:
-            layers.append(nn.BatchNorm1d(output_dim, affine=False))
-        super().__init__(*layers)
+    dims = [input_dim, *[hidden_dim] * (num_layers - 1), output_dim]
+    return mlp(dims, last_norm="no_affine" if last_bn else None)
 
 
-def contrastive_loss(
-    q: torch.Tensor, k: torch.Tensor, temperature: float, gather_distributed: bool = True
-) -> torch.Tensor:
-    """InfoNCE of queries ``q`` against keys ``k`` (official ``contrastive_loss``), times 2T.
-
-    Query i's positive is key i; its negatives are every other key in the batch and, when
-    torch.distributed is initialised, on every other rank (labels offset by rank).
-    """
-    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
-    n, offset = q.shape[0], 0
-    if (
-        gather_distributed
-        and torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-    ):
-        k = torch.cat(gather(k))
-        offset = n * torch.distributed.get_rank()
-    logits = q @ k.T / temperature
-    labels = torch.arange(n, device=q.device) + offset
-    return F.cross_entropy(logits, labels) * (2 * temperature)
-
-
-def sincos_2d_position_embedding(
-    grid_size: tuple[int, int], dim: int, temperature: float = 10000.0
-) -> torch.Tensor:
-    """The official ``build_2d_sincos_position_embedding`` without the class-token row:
-    (grid_h * grid_w, dim) rows ``[sin(a w), cos(a w), sin(b w), cos(b w)]`` where a is the
-    token's row, b its column and ``w_d = 1 / temperature ** (d / (dim / 4))``."""
-    if dim % 4:
-        raise ValueError(f"the embedding dimension must be divisible by 4 (got {dim})")
-    h, w = grid_size
-    rows, cols = torch.meshgrid(
-        torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij"
-    )
-    pos_dim = dim // 4
-    omega = 1.0 / temperature ** (torch.arange(pos_dim, dtype=torch.float32) / pos_dim)
-    out_a = rows.flatten()[:, None] * omega[None]
-    out_b = cols.flatten()[:, None] * omega[None]
-    return torch.cat([out_a.sin(), out_a.cos(), out_b.sin(), out_b.cos()], dim=1)
-
-
-@torch.no_grad()
-def moco_vit_setup(
-    vit: VisionTransformer, stop_grad_conv1: bool = True, sincos_pos_embed: bool = True
-) -> None:
-    """Apply the official ``VisionTransformerMoCo`` changes to a timm ViT, in place.
-
-    Every Linear gets xavier-uniform weights and zero biases, with the qkv projection treated
-    as three separate (dim x dim) matrices; the class token is drawn with std 1e-6; the patch
-    projection is xavier-uniform over its flattened weight and, with ``stop_grad_conv1``,
-    frozen. With ``sincos_pos_embed`` the position embedding becomes the fixed 2-D sin-cos
-    table (zeros for the class token), a parameter with ``requires_grad=False``.
-    """
-    for name, m in vit.named_modules():
-        if isinstance(m, nn.Linear):
-            if "qkv" in name:
-                val = math.sqrt(6.0 / float(m.weight.shape[0] // 3 + m.weight.shape[1]))
-                nn.init.uniform_(m.weight, -val, val)
-            else:
-                nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    if vit.cls_token is not None:
-        nn.init.normal_(vit.cls_token, std=1e-6)
-    proj = vit.patch_embed.proj
-    if isinstance(proj, nn.Conv2d):
-        fan_in = proj.in_channels * math.prod(proj.kernel_size)
-        val = math.sqrt(6.0 / float(fan_in + proj.out_channels))
-        nn.init.uniform_(proj.weight, -val, val)
-        if proj.bias is not None:
-            nn.init.zeros_(proj.bias)
-        if stop_grad_conv1:
-            for p in proj.parameters():
-                p.requires_grad = False
-    if sincos_pos_embed:
-        if vit.pos_embed is None or vit.num_prefix_tokens != 1 or vit.no_embed_class:
-            raise ValueError(
-                "the fixed sin-cos position embedding needs a ViT with a class token, no "
-                "register tokens and a learned position embedding that includes the class token"
-            )
-        table = sincos_2d_position_embedding(tuple(vit.patch_embed.grid_size), vit.embed_dim)
-        table = torch.cat([torch.zeros(1, vit.embed_dim), table])[None]
-        vit.pos_embed = nn.Parameter(table.to(vit.pos_embed.dtype), requires_grad=False)
-
-
-class MoCoV3(BYOLPairViews, SSLMethod):
+class MoCoV3(SSLMethod):
     """MoCo v3 with the official (facebookresearch/moco-v3) defaults of the ResNet-50 100-epoch
-    recipe (CONFIG.md). For ViTs the official recipe is ``optimizer=adamw``, ``lr=1.5e-4``,
-    ``weight_decay=0.1``, ``warmup_epochs=40``, 300 epochs, ``moco_t=0.2``,
-    ``crop_min_scale=0.08`` and ``exclude_bias_and_norm=False`` (see configs/imagenet).
+    recipe (CONFIG.md). For ViTs the official recipe is ``optim: {optimizer: adamw, lr: 1.5e-4,
+    weight_decay: 0.1, warmup_epochs: 40, exclude_bias_and_norm: false}``, 300 epochs,
+    ``moco_t=0.2`` and ``views: {crop_min_scale: 0.08}`` (see configs/imagenet).
 
     Args:
         moco_dim: output dimension of the projector and the predictor.
@@ -175,15 +72,6 @@ class MoCoV3(BYOLPairViews, SSLMethod):
             False (ResNet) or True (ViT).
         stop_grad_conv1: ViT only: freeze the random patch projection (``--stop-grad-conv1``).
         sincos_pos_embed: ViT only: fixed 2-D sin-cos position embedding instead of a learned one.
-        crop_min_scale: smallest random-resized-crop area (0.2 ResNet ``--crop-min=.2``, 0.08
-            ViT).
-        color_jitter: colour jitter (brightness, contrast, saturation, hue).
-        color_jitter_prob: probability of colour jitter.
-        grayscale_prob: probability of grayscale.
-        blur_prob: Gaussian blur probability of (view 1, view 2).
-        solarize_prob: solarisation probability of (view 1, view 2).
-        blur_sigma: range of the blur sigma.
-        hflip_prob: probability of a horizontal flip.
         gather_distributed: take negatives from every rank's keys (``concat_all_gather``).
         sync_batchnorm: synchronise BatchNorm across devices (``convert_sync_batchnorm``).
         backbone: backbone name (see :class:`SSLMethod`); a timm ``VisionTransformer`` gets the
@@ -194,20 +82,10 @@ class MoCoV3(BYOLPairViews, SSLMethod):
         zero_init_residual: start the last BatchNorm of every residual block of a ResNet
             backbone (torchvision's or timm's) at zero scale, as officially (main_moco.py builds
             its torchvision ResNet with ``zero_init_residual=True``); other backbones ignore it.
-        optimizer: ``lars`` (ResNet) or ``adamw`` (ViT).
-        lr: base learning rate per 256 images (0.6 for 100 epochs, 0.3 for 300/1000 epochs;
-            1.5e-4 for ViT with AdamW).
-        lr_scaling: learning-rate scaling rule (``linear``: lr x batch / 256).
-        weight_decay: weight decay (1e-6; 1.5e-6 for 1000 epochs; 0.1 for ViT).
-        momentum: LARS momentum.
-        betas: AdamW betas.
-        warmup_epochs: linear warmup (10 ResNet, 40 ViT), then cosine decay to 0.
-        min_lr: final learning rate.
-        lars_trust_coefficient: LARS eta.
-        lars_trust_ratio: ``update``: eta ||w|| / ||g + wd w|| (``moco/optimizer.py``).
-        lars_lr_in_momentum: False: momentum first, then the learning rate (as torch's SGD).
-        exclude_bias_and_norm: no weight decay and no LARS adaptation for parameters with
-            ndim <= 1 (the official LARS); the official AdamW decays every parameter (False).
+        views: the official views: BYOL's asymmetric pair with torchvision's colour ops,
+            bilinear crops and PIL's blur, crops of at least 20% of the image.
+        optim: LARS 0.6 per 256 images (0.3 for 300 and 1000 epochs), wd 1e-6 (1.5e-6 for
+            1000 epochs), warmup 10 epochs; no decay or adaptation of biases and BN.
     """
 
     def __init__(
@@ -221,53 +99,30 @@ class MoCoV3(BYOLPairViews, SSLMethod):
         pred_last_bn: bool | None = None,
         stop_grad_conv1: bool = True,
         sincos_pos_embed: bool = True,
-        crop_min_scale: float = 0.2,
-        color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
-        color_jitter_prob: float = 0.8,
-        grayscale_prob: float = 0.2,
-        blur_prob: tuple[float, float] = (1.0, 0.1),
-        solarize_prob: tuple[float, float] = (0.0, 0.2),
-        blur_sigma: tuple[float, float] = (0.1, 2.0),
-        hflip_prob: float = 0.5,
         gather_distributed: bool = True,
-        sync_batchnorm: bool = True,
+        views: TwoViews = VIEWS,
+        optim: Optimization = OPTIM,
         backbone: str = "resnet50",
         backbone_kwargs: dict[str, Any] | None = None,
         cifar_stem: bool = False,
         zero_init_residual: bool = True,
-        optimizer: OptimizerName = "lars",
-        lr: float = 0.6,
-        lr_scaling: LRScaling = "linear",
-        weight_decay: float = 1e-6,
-        momentum: float = 0.9,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_epochs: float = 10.0,
-        min_lr: float = 0.0,
-        lars_trust_coefficient: float = 1e-3,
-        lars_trust_ratio: TrustRatio = "update",
-        lars_lr_in_momentum: bool = False,
-        exclude_bias_and_norm: bool = True,
+        sync_batchnorm: bool = True,
     ) -> None:
-        super().__init__(**init_arguments(SSLMethod, locals()))
+        super().__init__(
+            backbone, backbone_kwargs, cifar_stem, zero_init_residual, sync_batchnorm, views, optim
+        )
         is_vit = isinstance(self.backbone.model, VisionTransformer)
         if is_vit:
             moco_vit_setup(self.backbone.model, stop_grad_conv1, sincos_pos_embed)
-        self.projector = MoCoV3MLP(
-            proj_layers or (3 if is_vit else 2),
-            self.backbone.num_features,
-            moco_mlp_dim,
-            moco_dim,
-            last_bn=True,
+        dim = self.backbone.num_features
+        self.projector = moco_mlp(
+            proj_layers or (3 if is_vit else 2), dim, moco_mlp_dim, moco_dim, True
         )
-        self.predictor = MoCoV3MLP(
-            2,
-            moco_dim,
-            moco_mlp_dim,
-            moco_dim,
-            last_bn=is_vit if pred_last_bn is None else pred_last_bn,
-        )
+        pred_bn = is_vit if pred_last_bn is None else pred_last_bn
+        self.predictor = moco_mlp(2, moco_dim, moco_mlp_dim, moco_dim, pred_bn)
         self.momentum_backbone = frozen_copy(self.backbone)
         self.momentum_projector = frozen_copy(self.projector)
+        self.criterion = InfoNCELoss(moco_t, gather_distributed)
 
     @property
     def ema_base_momentum(self) -> float:
@@ -285,24 +140,6 @@ class MoCoV3(BYOLPairViews, SSLMethod):
         hp = self.hparams
         return TeacherUpdate(hp.moco_m, cosine=hp.moco_m_cos, before_step=True)
 
-    def view_recipe(self, image_size: int) -> dict[str, Any]:
-        """The settings both views share, in lightly's ``BYOLView1Transform`` keywords."""
-        hp = self.hparams
-        bright, contrast, sat, hue = hp.color_jitter
-        return dict(
-            input_size=image_size,
-            cj_prob=hp.color_jitter_prob,
-            cj_strength=1.0,
-            cj_bright=bright,
-            cj_contrast=contrast,
-            cj_sat=sat,
-            cj_hue=hue,
-            min_scale=hp.crop_min_scale,
-            random_gray_scale=hp.grayscale_prob,
-            sigmas=tuple(hp.blur_sigma),
-            hf_prob=hp.hflip_prob,
-        )
-
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         (x1, x2), labels = batch
         y1, y2 = self.backbone(x1), self.backbone(x2)
@@ -311,6 +148,5 @@ class MoCoV3(BYOLPairViews, SSLMethod):
         with torch.no_grad():
             k1 = self.momentum_projector(self.momentum_backbone(x1))
             k2 = self.momentum_projector(self.momentum_backbone(x2))
-        t, gather_all = self.hparams.moco_t, self.hparams.gather_distributed
-        loss = contrastive_loss(q1, k2, t, gather_all) + contrastive_loss(q2, k1, t, gather_all)
+        loss = self.criterion(q1, k2) + self.criterion(q2, k1)
         return self.training_outputs(loss, z1, y1, labels)

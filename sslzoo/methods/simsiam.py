@@ -14,56 +14,40 @@ set once per epoch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
-from lightly.models.modules.heads import SimSiamPredictionHead
-from lightly.transforms import SimSiamTransform
 from torch import nn
 
-from sslzoo.augment.views import simsiam_views
-from sslzoo.methods.base import LRScaling, SSLMethod, ViewTransform, init_arguments
-from sslzoo.optim.optimizers import OptimizerName, decay_groups, split_decay
+from sslzoo.augment.recipes import TwoViews
+from sslzoo.losses.regression import NegativeCosineLoss
+from sslzoo.methods.base import SSLMethod
+from sslzoo.nn.heads import mlp
+from sslzoo.optim.optimizers import decay_groups, split_decay
+from sslzoo.optim.settings import Optimization
 
 LRUpdate = Literal["epoch", "step"]
 
+# main_simsiam.py: MoCo v2's views (crops of at least 20%, jitter (0.4, 0.4, 0.4, 0.1), blur
+# p 0.5 on both views, no solarisation)
+VIEWS = TwoViews(
+    crop_min_scale=0.2, color_jitter=(0.4, 0.4, 0.4, 0.1), blur_prob=(0.5, 0.5),
+    solarize_prob=(0.0, 0.0),
+)  # fmt: skip
+# main_simsiam.py: SGD 0.05 per 256 images, wd 1e-4 on every parameter, no warmup
+OPTIM = Optimization(optimizer="sgd", lr=0.05, weight_decay=1e-4, exclude_bias_and_norm=False)
 
-class SimSiamProjector(nn.Sequential):
+
+def simsiam_projector(
+    input_dim: int, hidden_dim: int, output_dim: int, num_layers: int = 3
+) -> nn.Sequential:
     """The official projector (simsiam/builder.py): ``num_layers - 1`` hidden layers of
     Linear(no bias) -> BN -> ReLU, then the encoder's original fc Linear, whose bias is kept but
     frozen, followed by ``BatchNorm1d(output_dim, affine=False)``."""
-
-    def __init__(
-        self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int = 3
-    ) -> None:
-        layers: list[nn.Module] = []
-        dim = input_dim
-        for _ in range(num_layers - 1):
-            layers += [
-                nn.Linear(dim, hidden_dim, bias=False),
-                nn.BatchNorm1d(hidden_dim),
-                nn.ReLU(),
-            ]
-            dim = hidden_dim
-        fc = nn.Linear(dim, output_dim)
-        fc.bias.requires_grad = False
-        layers += [fc, nn.BatchNorm1d(output_dim, affine=False)]
-        super().__init__(*layers)
-
-
-def negative_cosine_loss(
-    p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor
-) -> torch.Tensor:
-    """``-(cos(p1, z2) + cos(p2, z1)) / 2``, each averaged over the batch; z gets no gradient."""
-    return (
-        -(
-            F.cosine_similarity(p1, z2.detach(), dim=1).mean()
-            + F.cosine_similarity(p2, z1.detach(), dim=1).mean()
-        )
-        * 0.5
-    )
+    dims = [input_dim, *[hidden_dim] * (num_layers - 1), output_dim]
+    head = mlp(dims, last_bias=True, last_norm="no_affine")
+    head[-2].bias.requires_grad = False
+    return head
 
 
 class SimSiam(SSLMethod):
@@ -81,14 +65,9 @@ class SimSiam(SSLMethod):
             at the epoch's first step, as the official ``adjust_learning_rate`` called at
             each epoch's start (``init_lr * 0.5 * (1 + cos(pi * epoch / epochs))``);
             ``step``: at every optimizer step.
-        crop_min_scale: smallest random-resized-crop area fraction.
-        color_jitter: colour jitter (brightness, contrast, saturation, hue).
-        color_jitter_prob: probability of colour jitter.
-        grayscale_prob: probability of grayscale.
-        blur_prob: probability of Gaussian blur (0 for 32x32 images).
-        blur_sigma: range of the blur sigma.
-        hflip_prob: probability of a horizontal flip.
-        sync_batchnorm: synchronise BatchNorm across devices (SyncBN officially).
+        views: the official views (MoCo v2's).
+        optim: SGD 0.05 per 256 images, wd 1e-4; the official SGD decays every parameter
+            (``exclude_bias_and_norm: false``).
         backbone: backbone name (see :class:`SSLMethod`).
         backbone_kwargs: backbone constructor arguments.
         cifar_stem: 3x3 stride-1 ResNet stem for 32x32 images.
@@ -96,15 +75,7 @@ class SimSiam(SSLMethod):
             backbone (torchvision's or timm's) at zero scale, as officially
             (simsiam/builder.py builds its torchvision ResNet with
             ``zero_init_residual=True``); other backbones ignore it.
-        optimizer: ``sgd`` officially.
-        lr: base learning rate per 256 images (0.05).
-        lr_scaling: learning-rate scaling rule (``linear``: lr x batch / 256).
-        weight_decay: weight decay (1e-4).
-        momentum: SGD momentum.
-        warmup_epochs: linear warmup length (none officially), then cosine decay.
-        min_lr: final learning rate.
-        exclude_bias_and_norm: no weight decay on biases and norms; the official SGD decays
-            every parameter (False).
+        sync_batchnorm: synchronise BatchNorm across devices (SyncBN officially).
     """
 
     def __init__(
@@ -115,38 +86,29 @@ class SimSiam(SSLMethod):
         proj_layers: int = 3,
         fix_pred_lr: bool = True,
         lr_update: LRUpdate = "epoch",
-        crop_min_scale: float = 0.2,
-        color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
-        color_jitter_prob: float = 0.8,
-        grayscale_prob: float = 0.2,
-        blur_prob: float = 0.5,
-        blur_sigma: tuple[float, float] = (0.1, 2.0),
-        hflip_prob: float = 0.5,
-        sync_batchnorm: bool = True,
+        views: TwoViews = VIEWS,
+        optim: Optimization = OPTIM,
         backbone: str = "resnet50",
         backbone_kwargs: dict[str, Any] | None = None,
         cifar_stem: bool = False,
         zero_init_residual: bool = True,
-        optimizer: OptimizerName = "sgd",
-        lr: float = 0.05,
-        lr_scaling: LRScaling = "linear",
-        weight_decay: float = 1e-4,
-        momentum: float = 0.9,
-        warmup_epochs: float = 0.0,
-        min_lr: float = 0.0,
-        exclude_bias_and_norm: bool = False,
+        sync_batchnorm: bool = True,
     ) -> None:
         if lr_update not in ("epoch", "step"):
             raise ValueError(f"lr_update must be 'epoch' or 'step', not {lr_update!r}")
-        super().__init__(**init_arguments(SSLMethod, locals()))
+        super().__init__(
+            backbone, backbone_kwargs, cifar_stem, zero_init_residual, sync_batchnorm, views, optim
+        )
         width = self.backbone.num_features
-        self.projector = SimSiamProjector(width, proj_hidden_dim or width, dim, proj_layers)
-        self.predictor = SimSiamPredictionHead(dim, pred_dim, dim)
+        self.projector = simsiam_projector(width, proj_hidden_dim or width, dim, proj_layers)
+        # builder.py's predictor: Linear(no bias) -> BN -> ReLU -> Linear
+        self.predictor = mlp([dim, pred_dim, dim], last_bias=True)
+        self.criterion = NegativeCosineLoss()
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Decay / no-decay groups for the encoder (backbone + projector) and, separately, for
         the predictor, whose groups carry ``fixed_lr`` when ``fix_pred_lr``."""
-        st = self.settings
+        st = self.optim
         predictor = {id(p) for p in self.predictor.parameters()}
         encoder = [(n, p) for n, p in self.named_parameters() if id(p) not in predictor]
         groups = []
@@ -166,40 +128,10 @@ class SimSiam(SSLMethod):
             step -= step % self.steps_per_epoch
         return super().learning_rate_at(step)
 
-    def view_recipe(self, image_size: int) -> dict[str, Any]:
-        """The view settings, in lightly's ``SimSiamTransform`` keywords."""
-        hp = self.hparams
-        bright, contrast, sat, hue = hp.color_jitter
-        return dict(
-            input_size=image_size,
-            cj_prob=hp.color_jitter_prob,
-            cj_strength=1.0,
-            cj_bright=bright,
-            cj_contrast=contrast,
-            cj_sat=sat,
-            cj_hue=hue,
-            min_scale=hp.crop_min_scale,
-            random_gray_scale=hp.grayscale_prob,
-            gaussian_blur=hp.blur_prob,
-            sigmas=tuple(hp.blur_sigma),
-            hf_prob=hp.hflip_prob,
-        )
-
-    def view_transform(
-        self, image_size: int, mean: Sequence[float], std: Sequence[float]
-    ) -> ViewTransform:
-        normalize = {"mean": list(mean), "std": list(std)}
-        return SimSiamTransform(normalize=normalize, **self.view_recipe(image_size))
-
-    def device_view_transform(
-        self, image_size: int, mean: Sequence[float], std: Sequence[float]
-    ) -> nn.Module:
-        return simsiam_views(mean=mean, std=std, **self.view_recipe(image_size))
-
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         (x1, x2), labels = batch
         y1, y2 = self.backbone(x1), self.backbone(x2)
         z1, z2 = self.projector(y1), self.projector(y2)
         p1, p2 = self.predictor(z1), self.predictor(z2)
-        loss = negative_cosine_loss(p1, p2, z1, z2)
+        loss = (self.criterion(p1, z2) + self.criterion(p2, z1)) / 2
         return self.training_outputs(loss, z1, y1, labels)

@@ -1,14 +1,23 @@
 """One builder for every projection and prediction head: a stack of Linear layers with
-BatchNorm and an activation between them, the layouts the official heads use."""
+BatchNorm and an activation between them, the layouts the official heads use; and the
+prototype head of the self-distillation methods (an MLP, L2 normalisation, a weight-normalised
+last layer)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Literal
 
+import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
 
 LastNorm = Literal["affine", "no_affine", "no_shift"]
+
+
+class MLP(nn.Sequential):
+    """The heads :func:`mlp` builds (a class of their own, for sharding policies)."""
 
 
 def mlp(
@@ -19,7 +28,7 @@ def mlp(
     hidden_norm: bool = True,
     last_norm: LastNorm | None = None,
     activation: type[nn.Module] = nn.ReLU,
-) -> nn.Sequential:
+) -> MLP:
     """``Linear -> [BatchNorm1d] -> activation`` for each hidden width, then a last Linear and an
     optional BatchNorm1d: ``dims`` is (input, hidden..., output).
 
@@ -44,4 +53,66 @@ def mlp(
         if last_norm == "no_shift":
             norm.bias.requires_grad = False  # stays at its initial 0
         layers.append(norm)
-    return nn.Sequential(*layers)
+    return MLP(*layers)
+
+
+def weight_normed_linear(in_dim: int, out_dim: int, norm_last_layer: bool) -> nn.Linear:
+    """DINO's last layer: ``weight_norm(Linear(in, out, bias=False))`` with the magnitude g
+    filled with 1, and frozen when ``norm_last_layer`` (every prototype then has unit norm).
+
+    Uses ``torch.nn.utils.parametrizations.weight_norm`` (g = ``original0``, v = ``original1``),
+    which computes the same weight as the deprecated ``nn.utils.weight_norm`` and, unlike it,
+    can be deep-copied into an EMA teacher.
+    """
+    layer = weight_norm(nn.Linear(in_dim, out_dim, bias=False))
+    g = layer.parametrizations.weight.original0
+    with torch.no_grad():
+        g.fill_(1.0)
+    g.requires_grad = not norm_last_layer
+    return layer
+
+
+def _trunc_normal_init(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class PrototypeHead(nn.Module):
+    """DINO's projection head (``vision_transformer.py`` ``DINOHead``), also iBOT's.
+
+    ``nlayers`` Linear layers (width ``hidden_dim``, GELU between them, optional BatchNorm after
+    each hidden Linear, whose bias is kept as in the official code), ending at
+    ``bottleneck_dim``; L2 normalisation; then the weight-normalised last layer to ``out_dim``
+    without bias. The MLP is initialised with trunc_normal(0.02) and zero biases; the last
+    layer keeps PyTorch's default Linear init, as officially.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 65536,
+        use_bn: bool = False,
+        norm_last_layer: bool = True,
+        nlayers: int = 3,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+    ) -> None:
+        super().__init__()
+        nlayers = max(nlayers, 1)
+        dims = [in_dim, *[hidden_dim] * (nlayers - 1), bottleneck_dim]
+        self.mlp = mlp(
+            dims, hidden_bias=True, last_bias=True, hidden_norm=use_bn, activation=nn.GELU
+        )
+        if nlayers == 1:
+            self.mlp = self.mlp[0]  # a bare Linear, as the official single-layer head
+        self.apply(_trunc_normal_init)
+        self.last_layer = weight_normed_linear(bottleneck_dim, out_dim, norm_last_layer)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """MLP then L2 normalisation: the bottleneck the prototypes are compared with."""
+        return F.normalize(self.mlp(x), dim=-1, p=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(self.project(x))

@@ -45,3 +45,11 @@ def linear_warmup(step: int, warmup_steps: int, start: float, end: float) -> flo
     if step >= warmup_steps:
         return end
     return start + (end - start) * step / warmup_steps
+
+
+def teacher_temp_at(epoch: int, warmup_temp: float, temp: float, warmup_epochs: int) -> float:
+    """Teacher temperature of an epoch: ``np.linspace(warmup_temp, temp, warmup_epochs)[epoch]``
+    during the warmup, ``temp`` afterwards (the official per-epoch schedule)."""
+    if epoch >= warmup_epochs:
+        return temp
+    return linear_warmup(epoch, max(warmup_epochs - 1, 1), warmup_temp, temp)
