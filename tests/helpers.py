@@ -6,7 +6,9 @@ from typing import Any
 
 import lightning as L
 
+from sslzoo.augment.recipes import Views
 from sslzoo.datamodules import DigitsDataModule
+from sslzoo.optim.settings import Optimization
 
 
 def quiet_trainer(**kwargs: Any) -> L.Trainer:
@@ -24,5 +26,17 @@ def quiet_trainer(**kwargs: Any) -> L.Trainer:
     return L.Trainer(**defaults)
 
 
-def digits(batch_size: int = 32, image_size: int = 16, num_workers: int = 0) -> DigitsDataModule:
-    return DigitsDataModule(batch_size=batch_size, num_workers=num_workers, image_size=image_size)
+def digits(
+    batch_size: int = 32, image_size: int = 16, num_workers: int = 0, views: Views | None = None
+) -> DigitsDataModule:
+    """The digits set; ``views`` (a model's recipe, ``model.views``) makes its training views."""
+    data = DigitsDataModule(batch_size=batch_size, num_workers=num_workers, image_size=image_size)
+    data.views = views
+    return data
+
+
+def sgd(lr: float = 0.1, **settings: Any) -> Optimization:
+    """Plain SGD settings for tests: no warmup, no batch scaling unless given."""
+    return Optimization(
+        **{"optimizer": "sgd", "lr": lr, "warmup_epochs": 0.0, "lr_scaling": "none", **settings}
+    )
