@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from sslzoo.augment.recipes import MultiCropViews
+
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_ARCHIVE = Path(
     os.environ.get("SSLZOO_CIFAR10", REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz")
@@ -28,8 +30,7 @@ SMALL_SWAV = {
     "hidden_mlp": 32,
     "feat_dim": 16,
     "nmb_prototypes": 24,
-    "nmb_crops": (2, 2),
-    "size_crops": (16, 8),
+    "views": MultiCropViews(nmb_crops=(2, 2), size_crops=(16, 8)),
     "sync_batchnorm": False,
 }
 

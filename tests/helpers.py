@@ -36,7 +36,6 @@ def digits(
 
 
 def sgd(lr: float = 0.1, **settings: Any) -> Optimization:
-    """Plain SGD settings for tests: no warmup, no batch scaling unless given."""
-    return Optimization(
-        **{"optimizer": "sgd", "lr": lr, "warmup_epochs": 0.0, "lr_scaling": "none", **settings}
-    )
+    """SGD settings for tests: ``lr`` per 256 images (linear scaling), no warmup, the other
+    fields :class:`Optimization`'s defaults unless given."""
+    return Optimization(**{"optimizer": "sgd", "lr": lr, "warmup_epochs": 0.0, **settings})

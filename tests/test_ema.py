@@ -16,7 +16,7 @@ from sslzoo.methods.base import TeacherUpdate
 from sslzoo.methods.byol import BYOL
 from sslzoo.optim.schedules import cosine_to_one
 from tests.conftest import TINY_RESNET
-from tests.helpers import digits, quiet_trainer
+from tests.helpers import digits, quiet_trainer, sgd
 
 
 def test_one_update_matches_definition() -> None:
@@ -49,9 +49,7 @@ def small_byol(**kwargs) -> CountingBYOL:
         projector_out_dim=8,
         predictor_hidden_dim=32,
         sync_batchnorm=False,
-        optimizer="sgd",
-        lr=0.1,
-        warmup_epochs=0,
+        optim=sgd(),
         **kwargs,
     )
 
@@ -63,7 +61,7 @@ def test_no_update_on_accumulation_micro_batches() -> None:
     trainer = quiet_trainer(
         max_steps=3, accumulate_grad_batches=2, callbacks=[ema], limit_val_batches=0
     )
-    trainer.fit(model, datamodule=digits())
+    trainer.fit(model, datamodule=digits(views=model.views))
     steps = [s for s, _ in model.snapshots]
     # Lightning runs EMA (a callback) before the module hook, so each snapshot already holds
     # the update of the optimizer step that batch completed.
@@ -79,7 +77,7 @@ def test_momentum_follows_schedule_and_is_logged() -> None:
     torch.manual_seed(0)
     model = small_byol(ema_momentum=0.9)
     trainer = quiet_trainer(max_steps=4, limit_val_batches=0)
-    trainer.fit(model, datamodule=digits())
+    trainer.fit(model, datamodule=digits(views=model.views))
     total = int(trainer.estimated_stepping_batches)
     # the update after optimizer step k uses m_k; the last logged one is m_{K-1}
     expected = cosine_to_one(trainer.global_step - 1, total, 0.9)
@@ -107,13 +105,13 @@ def test_update_before_the_step_runs_once_at_the_first_micro_batch() -> None:
     torch.manual_seed(0)
     model = BeforeStepBYOL(
         **TINY_RESNET, projector_hidden_dim=32, projector_out_dim=8, predictor_hidden_dim=32,
-        sync_batchnorm=False, optimizer="sgd", lr=0.1, warmup_epochs=0, ema_momentum=0.9,
+        sync_batchnorm=False, optim=sgd(), ema_momentum=0.9,
     )  # fmt: skip
     ema = EMATeacher()
     trainer = quiet_trainer(
         max_steps=3, accumulate_grad_batches=2, callbacks=[ema], limit_val_batches=0
     )
-    trainer.fit(model, datamodule=digits())
+    trainer.fit(model, datamodule=digits(views=model.views))
     assert [s for s, _ in model.snapshots] == [0, 0, 1, 1, 2, 2]
     for (s0, w0), (s1, w1) in zip(model.snapshots, model.snapshots[1:], strict=False):
         if s0 == s1:
@@ -139,10 +137,11 @@ def test_callback_settings_replace_only_what_they_name() -> None:
 def test_method_brings_ema_callback_once() -> None:
     model = small_byol()
     trainer = quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[EMATeacher(0.5)])
-    trainer.fit(model, datamodule=digits())
+    trainer.fit(model, datamodule=digits(views=model.views))
     emas = [c for c in trainer.callbacks if isinstance(c, EMATeacher)]
     assert len(emas) == 1 and emas[0].base_momentum == 0.5
 
     trainer = quiet_trainer(max_steps=1, limit_val_batches=0)
-    trainer.fit(small_byol(), datamodule=digits())
+    model = small_byol()
+    trainer.fit(model, datamodule=digits(views=model.views))
     assert sum(isinstance(c, EMATeacher) for c in trainer.callbacks) == 1

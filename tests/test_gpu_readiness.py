@@ -26,6 +26,9 @@ import sslzoo.methods as methods
 from sslzoo.backbones import Backbone
 from sslzoo.callbacks import CompileBackbone
 from sslzoo.datamodules import DigitsDataModule
+from sslzoo.methods.base import declared_default
+from sslzoo.methods.dino import VIEWS as DINO_VIEWS
+from sslzoo.methods.ibot import VIEWS as IBOT_VIEWS
 from tests.conftest import SMALL_SWAV, TINY_RESNET
 from tests.helpers import digits, quiet_trainer
 
@@ -35,7 +38,7 @@ TINY_VIT = dict(
     backbone="vit_tiny_patch16_224",
     backbone_kwargs=dict(img_size=16, patch_size=4, depth=1, embed_dim=32, num_heads=2),
 )
-HEAD = dict(out_dim=32, hidden_dim=32, bottleneck_dim=16, local_crops_number=2)
+HEAD = dict(out_dim=32, hidden_dim=32, bottleneck_dim=16)
 # small heads on the tiny backbones; no warmup, so the first step already moves the weights
 TINY: dict[str, dict[str, Any]] = {
     "SimCLR": dict(**TINY_RESNET, proj_hidden_dim=16, proj_out_dim=8),
@@ -45,8 +48,10 @@ TINY: dict[str, dict[str, Any]] = {
     ),
     "SimSiam": dict(**TINY_RESNET, dim=16, pred_dim=8),
     "SwAV": SMALL_SWAV,
-    "DINO": dict(**TINY_VIT, **HEAD),
-    "IBOT": dict(**TINY_VIT, **HEAD, patch_out_dim=32),
+    "DINO": dict(**TINY_VIT, **HEAD, views=DINO_VIEWS.replace(local_crops_number=2)),
+    "IBOT": dict(
+        **TINY_VIT, **HEAD, patch_out_dim=32, views=IBOT_VIEWS.replace(local_crops_number=2)
+    ),
     "MAE": dict(**TINY_VIT, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2),
 }
 
@@ -101,7 +106,10 @@ def train(
     if name not in TINY:
         pytest.fail(f"{name} has no tiny configuration in tests/test_gpu_readiness.py")
     torch.manual_seed(0)
-    model = getattr(methods, name)(**TINY[name], warmup_epochs=0)
+    method = getattr(methods, name)
+    optim = declared_default(method, "optim").replace(warmup_epochs=0)
+    model = method(**TINY[name], optim=optim)
+    data.views = model.views
     before = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
     losses = Losses()
     trainer = quiet_trainer(

@@ -73,7 +73,7 @@ def test_probe_leaves_backbone_gradients_untouched() -> None:
 def test_monitor_agrees_with_offline_knn() -> None:
     torch.manual_seed(0)
     model = SimCLR(**TINY_RESNET, proj_hidden_dim=16, proj_out_dim=8, sync_batchnorm=False)
-    data = digits(batch_size=64)
+    data = digits(batch_size=64, views=model.views)
     knn = KNNMonitor(k=10, temperature=0.1, extra_protocols=[(20, 0.07)])
     trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, callbacks=[knn, OnlineProbe()])
     trainer.fit(model, datamodule=data)

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sslzoo.methods.simclr import SimCLR
 from tests.conftest import TINY_RESNET
-from tests.helpers import digits, quiet_trainer
+from tests.helpers import digits, quiet_trainer, sgd
 
 
 class BreaksAtStep(SimCLR):
@@ -31,14 +31,14 @@ def test_nan_stops_run_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = BreaksAtStep(
         5, **TINY_RESNET, proj_hidden_dim=16, proj_out_dim=8, sync_batchnorm=False,
-        optimizer="sgd", lr=0.1, warmup_epochs=0,
+        optim=sgd(),
     )  # fmt: skip
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=2, save_top_k=-1)
     trainer = quiet_trainer(
         max_epochs=3, limit_val_batches=0, callbacks=[ckpt], enable_checkpointing=True
     )
     with pytest.raises(FloatingPointError, match=r"BreaksAtStep: non-finite loss at step 5"):
-        trainer.fit(model, datamodule=digits(batch_size=32))
+        trainer.fit(model, datamodule=digits(batch_size=32, views=model.views))
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 4
     assert all(

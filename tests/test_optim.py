@@ -18,12 +18,15 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
 import sslzoo.methods as methods
-from sslzoo.optim import optimizers as optim
+from sslzoo.methods.base import declared_default
 from sslzoo.methods.byol import BYOL
+from sslzoo.methods.simclr import OPTIM as SIMCLR_OPTIM
 from sslzoo.methods.simclr import SimCLR
+from sslzoo.optim import optimizers as optim
 from sslzoo.optim.lars import LARS
 from sslzoo.optim.optimizers import build_optimizer, decay_groups, split_decay, use_fused
 from sslzoo.optim.schedules import warmup_cosine
+from sslzoo.optim.settings import Optimization
 from tests.conftest import TINY_RESNET
 from tests.helpers import digits, quiet_trainer
 from tests.test_host_sync import HostSync, host_syncs_refused
@@ -77,7 +80,9 @@ def test_each_method_builds_its_official_lars(
     """SimCLR's LARS (``lars_optimizer.py``) puts the learning rate inside the momentum, MoCo v3
     and BYOL divide by the norm of the decayed update, SwAV runs apex LARC over every
     parameter; biases and norms are not adapted where the recipe excludes them from decay."""
-    model = getattr(methods, name)(**TINY_RESNET, optimizer="lars", sync_batchnorm=False)
+    method = getattr(methods, name)
+    lars = declared_default(method, "optim").replace(optimizer="lars")
+    model = method(**TINY_RESNET, optim=lars, sync_batchnorm=False)
     model.trainer = quiet_trainer()
     optimizer = model.configure_optimizers()
     assert isinstance(optimizer, LARS)
@@ -92,12 +97,10 @@ def test_each_method_builds_its_official_lars(
 @pytest.mark.parametrize("scaling", ["linear", "sqrt"])
 def test_scheduled_lr_in_every_group(scaling: str) -> None:
     torch.manual_seed(0)
-    model = SimCLR(
-        **TINY_RESNET, proj_hidden_dim=16, sync_batchnorm=False, optimizer="sgd",
-        lr=0.4, lr_scaling=scaling, warmup_epochs=1, min_lr=0.001,
-    )  # fmt: skip
+    optim = Optimization(optimizer="sgd", lr=0.4, lr_scaling=scaling, warmup_epochs=1, min_lr=0.001)
+    model = SimCLR(**TINY_RESNET, proj_hidden_dim=16, sync_batchnorm=False, optim=optim)
     trainer = quiet_trainer(max_epochs=2, limit_train_batches=4, limit_val_batches=0)
-    trainer.fit(model, datamodule=digits(batch_size=32))
+    trainer.fit(model, datamodule=digits(batch_size=32, views=model.views))
     peak = 0.4 * 32 / 256 if scaling == "linear" else 0.4 * math.sqrt(32)
     assert model.scaled_lr == pytest.approx(peak)
     last_step = trainer.global_step - 1
@@ -196,7 +199,8 @@ def test_no_fused_optimizer_under_a_grad_scaler(fp16: bool, monkeypatch) -> None
     need them unscaled (DINO clips each gradient): under a GradScaler it is never fused.
     (Lightning turns ``16-mixed`` into ``bf16-mixed`` on CPU, so the plugin is given.)"""
     monkeypatch.setattr(optim, "use_fused", lambda params: True)  # as for CUDA parameters
-    model = SimCLR(**TINY_RESNET, proj_hidden_dim=16, sync_batchnorm=False, optimizer="adamw")
+    adamw = SIMCLR_OPTIM.replace(optimizer="adamw")
+    model = SimCLR(**TINY_RESNET, proj_hidden_dim=16, sync_batchnorm=False, optim=adamw)
     scaler = torch.amp.GradScaler("cpu")
     plugins = [MixedPrecision("16-mixed", "cpu", scaler)] if fp16 else []
     model.trainer = quiet_trainer(plugins=plugins)
@@ -406,14 +410,14 @@ def test_lars_checkpoint_loads_weights_only_and_resumes(tmp_path: Path) -> None:
     def simclr() -> SimCLR:
         return SimCLR(
             **TINY_RESNET, proj_hidden_dim=16, proj_out_dim=8, sync_batchnorm=False,
-            optimizer="lars", lr=0.3,
+            optim=SIMCLR_OPTIM.replace(optimizer="lars", lr=0.3),
         )  # fmt: skip
 
     trainer = quiet_trainer(
         max_steps=2, limit_val_batches=0, enable_checkpointing=True, default_root_dir=tmp_path
     )
     model = simclr()
-    trainer.fit(model, datamodule=digits(batch_size=16))
+    trainer.fit(model, datamodule=digits(batch_size=16, views=model.views))
     optimizer = trainer.optimizers[0]
     assert isinstance(optimizer, LARS)
     (path,) = (tmp_path / "checkpoints").glob("*.ckpt")
@@ -431,7 +435,7 @@ def test_lars_checkpoint_loads_weights_only_and_resumes(tmp_path: Path) -> None:
             restored.extend(s["momentum_buffer"].clone() for s in state.values())
 
     trainer = quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[Capture()])
-    trainer.fit(resumed, datamodule=digits(batch_size=16), ckpt_path=path)
+    trainer.fit(resumed, datamodule=digits(batch_size=16, views=resumed.views), ckpt_path=path)
     assert trainer.global_step == 3 and isinstance(trainer.optimizers[0], LARS)
     for a, b in zip(restored, buffers, strict=True):
         assert torch.equal(a, b)

@@ -8,6 +8,7 @@ from unittest import mock
 import pytest
 
 import sslzoo.methods as methods
+from sslzoo.methods.swav import OPTIM as SWAV_OPTIM
 from sslzoo.optim.schedules import cosine_to_one, linear_warmup, warmup_cosine
 from tests.conftest import SMALL_SWAV, TINY_RESNET
 
@@ -93,7 +94,7 @@ def test_methods_whose_official_schedule_uses_linspace_warm_up_that_way() -> Non
     linspace = {name for name in names if getattr(methods, name).linspace_warmup}
     assert linspace == {"DINO", "IBOT", "SwAV"}
     for model, peak_step in (
-        (methods.SwAV(**SMALL_SWAV, start_warmup_lr=0.0), 4),
+        (methods.SwAV(**SMALL_SWAV, optim=SWAV_OPTIM.replace(start_warmup_lr=0.0)), 4),
         (methods.SimCLR(**TINY_RESNET, sync_batchnorm=False), 5),
     ):
         cls = type(model)

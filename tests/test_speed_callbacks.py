@@ -9,8 +9,9 @@ import torch
 from sslzoo.backbones import Backbone
 from sslzoo.callbacks import ChannelsLast, CompileBackbone
 from sslzoo.methods import BYOL
+from sslzoo.methods.byol import VIEWS as BYOL_VIEWS
 from tests.conftest import TINY_RESNET
-from tests.helpers import digits, quiet_trainer
+from tests.helpers import digits, quiet_trainer, sgd
 
 
 class Losses(L.Callback):
@@ -26,11 +27,11 @@ def run(*callbacks: L.Callback) -> tuple[BYOL, list[float]]:
     L.seed_everything(0)
     model = BYOL(
         **TINY_RESNET, projector_hidden_dim=32, projector_out_dim=16, predictor_hidden_dim=32,
-        blur_prob=(0.0, 0.0), optimizer="sgd", lr=0.1, warmup_epochs=0, sync_batchnorm=False,
+        views=BYOL_VIEWS.replace(blur_prob=(0.0, 0.0)), optim=sgd(), sync_batchnorm=False,
     )  # fmt: skip
     losses = Losses()
     trainer = quiet_trainer(max_steps=3, callbacks=[*callbacks, losses], limit_val_batches=0)
-    trainer.fit(model, datamodule=digits(batch_size=16))
+    trainer.fit(model, datamodule=digits(batch_size=16, views=model.views))
     return model, losses.values
 
 
