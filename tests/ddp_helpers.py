@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from sslzoo.callbacks import KNNMonitor, OnlineProbe
 from sslzoo.distributed import consecutive_groups
+from sslzoo.methods import dino, mocov3, simclr, swav
 from sslzoo.methods.base import SSLMethod
 from sslzoo.methods.dino import DINO
 from sslzoo.methods.mocov3 import MoCoV3
@@ -57,24 +58,27 @@ def build_method(name: str) -> SSLMethod:
     blows float32 noise on gradients that are zero in exact arithmetic (the attention's key
     bias) up to +-lr and would hide real differences."""
     torch.manual_seed(0)
+    # the method's own settings but these (weight decay and its exclusions kept)
     common = {"optimizer": "sgd", "lr": 0.1, "lr_scaling": "none", "warmup_epochs": 0.0}
     if name == "simclr":
-        return SimCLR(**TINY_RESNET, **common, proj_hidden_dim=16, proj_out_dim=8,
-                      temperature=0.5, sync_batchnorm=True)  # fmt: skip
+        return SimCLR(**TINY_RESNET, optim=simclr.OPTIM.replace(**common), proj_hidden_dim=16,
+                      proj_out_dim=8, temperature=0.5, sync_batchnorm=True)  # fmt: skip
     if name == "mocov3":
-        return MoCoV3(**TINY_RESNET, **common, moco_dim=8, moco_mlp_dim=16, moco_m=0.9,
-                      sync_batchnorm=True)  # fmt: skip
+        return MoCoV3(**TINY_RESNET, optim=mocov3.OPTIM.replace(**common), moco_dim=8,
+                      moco_mlp_dim=16, moco_m=0.9, sync_batchnorm=True)  # fmt: skip
     if name == "swav":
         # the queue holds two global batches, so it is full and used from the third step on
-        return SwAV(**TINY_RESNET, **common, nmb_crops=(2, 2), size_crops=(IMAGE, SMALL),
+        return SwAV(**TINY_RESNET, optim=swav.OPTIM.replace(**common),
+                    views=swav.VIEWS.replace(nmb_crops=(2, 2), size_crops=(IMAGE, SMALL)),
                     feat_dim=8, hidden_mlp=16, nmb_prototypes=10, freeze_prototypes_niters=0,
                     queue_length=2 * GLOBAL_BATCH, epoch_queue_starts=0,
                     sync_batchnorm=True)  # fmt: skip
     if name == "dino":
         return DINO(**TINY_VIT, out_dim=16, hidden_dim=16, bottleneck_dim=8,
-                    drop_path_rate=0.0, local_crops_number=2, local_crop_size=SMALL,
+                    drop_path_rate=0.0,
+                    views=dino.VIEWS.replace(local_crops_number=2, local_crop_size=SMALL),
                     freeze_last_layer=0, momentum_teacher=0.9, sync_batchnorm=True,
-                    **common)  # fmt: skip
+                    optim=dino.OPTIM.replace(**common))  # fmt: skip
     raise ValueError(name)
 
 

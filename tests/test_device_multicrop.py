@@ -10,6 +10,7 @@ views those transforms produce.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +21,17 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from sslzoo.augment import CropViews, DeviceViews, ViewRecipe, ops, simclr_views
+from sslzoo.augment.on_device import compile_views
+from sslzoo.augment.recipes import SingleView, Stats, Transform, Views
 from sslzoo.datamodules import CIFAR10DataModule, ImageFolderDataModule
-from sslzoo.methods.base import compile_views
 from sslzoo.methods.dino import DINO
+from sslzoo.methods.dino import VIEWS as DINO_VIEWS
 from sslzoo.methods.ibot import IBOT
+from sslzoo.methods.ibot import VIEWS as IBOT_VIEWS
 from sslzoo.methods.mae import MAE
+from sslzoo.methods.simclr import VIEWS as SIMCLR_VIEWS
 from sslzoo.methods.simclr import SimCLR
+from sslzoo.methods.swav import VIEWS as SWAV_VIEWS
 from sslzoo.methods.swav import SwAV
 from tests.augment_helpers import (
     ATOL,
@@ -41,10 +47,21 @@ from tests.augment_helpers import (
     smooth_images,
     view_statistics,
 )
-from tests.conftest import SMALL_SWAV, TINY_RESNET
+from tests.conftest import TINY_RESNET
 from tests.helpers import quiet_trainer
 
 SMALL_DINO = dict(**TINY_RESNET, out_dim=64, hidden_dim=32, bottleneck_dim=16)
+# SwAV on TINY_RESNET with small heads and two crop sizes (2 x 16 px, 2 x 8 px)
+SMALL_SWAV = dict(**TINY_RESNET, hidden_mlp=32, feat_dim=16, nmb_prototypes=24,
+                  sync_batchnorm=False)  # fmt: skip
+SMALL_SWAV_VIEWS = SWAV_VIEWS.replace(nmb_crops=(2, 2), size_crops=(16, 8))
+
+
+def dino_views(**changes: object) -> Views:
+    """DINO's recipe with ``changes``."""
+    return DINO_VIEWS.replace(**changes)
+
+
 TINY_MAE = dict(
     backbone="vit_tiny_patch16_224",
     backbone_kwargs=dict(img_size=16, patch_size=4, depth=1, embed_dim=32, num_heads=2),
@@ -96,21 +113,21 @@ def test_bicubic_views_stay_in_range() -> None:
 @pytest.mark.parametrize(
     "method, settings, size",
     [
-        (DINO, dict(local_crops_number=3, global_crops_scale=(0.3, 0.9), local_crops_scale=(0.1,
-                    0.3), color_jitter=(0.3, 0.2, 0.1, 0.05), color_jitter_prob=0.7,
-                    grayscale_prob=0.1, blur_prob=(0.9, 0.2, 0.4), solarize_prob=0.3,
-                    blur_sigma=(0.2, 1.5), hflip_prob=0.4, **SMALL_DINO), 32),
-        (SwAV, {**SMALL_SWAV, **dict(nmb_crops=(2, 3), size_crops=(224, 96),
+        (DINO, dict(views=dino_views(local_crops_number=3, global_crops_scale=(0.3, 0.9),
+                    local_crops_scale=(0.1, 0.3), color_jitter=(0.3, 0.2, 0.1, 0.05),
+                    color_jitter_prob=0.7, grayscale_prob=0.1, blur_prob=(0.9, 0.2, 0.4),
+                    solarize_prob=0.3, blur_sigma=(0.2, 1.5), hflip_prob=0.4), **SMALL_DINO), 32),
+        (SwAV, dict(views=SWAV_VIEWS.replace(nmb_crops=(2, 3), size_crops=(224, 96),
                     min_scale_crops=(0.2, 0.06), max_scale_crops=(0.9, 0.2), hflip_prob=0.3,
                     color_jitter_prob=0.6, color_jitter_strength=0.5, grayscale_prob=0.3,
-                    blur_prob=0.4, blur_sigma=(0.2, 1.8))}, 32),
-        (MAE, dict(crop_min_scale=0.3, **TINY_MAE), 16),
+                    blur_prob=0.4, blur_sigma=(0.2, 1.8)), **SMALL_SWAV), 32),
+        (MAE, dict(views=SingleView(crop_min_scale=0.3), **TINY_MAE), 16),
     ],
 )  # fmt: skip
 def test_device_recipe_mirrors_the_methods_lightly_recipe(method, settings, size) -> None:  # noqa: ANN001
     model = method(**settings)
-    pil = model.view_transform(size, MEAN, STD)
-    device = model.device_view_transform(size, MEAN, STD)
+    pil = model.views.pil(size, MEAN, STD)
+    device = model.views.device(size, MEAN, STD)
     views = pil.transforms if hasattr(pil, "transforms") else [pil]  # MAE: one view
     assert len(views) == len(device.recipes) == {DINO: 5, SwAV: 5, MAE: 1}[method]
     for view, recipe in zip(views, device.recipes, strict=True):
@@ -121,15 +138,15 @@ TINY_IBOT = dict(
     backbone="vit_tiny_patch16_224",
     backbone_kwargs=dict(img_size=16, patch_size=4, depth=1, embed_dim=32, num_heads=2,
                          dynamic_img_size=True),
-    out_dim=32, patch_out_dim=32, hidden_dim=16, bottleneck_dim=8, local_crop_size=8,
+    out_dim=32, patch_out_dim=32, hidden_dim=16, bottleneck_dim=8,
 )  # fmt: skip
 
 
 def test_ibot_device_views_are_dinos_with_host_drawn_masks(tmp_path: Path) -> None:
-    model = IBOT(**TINY_IBOT, local_crops_number=2, pred_ratio=(0.0, 0.3),
-                 pred_ratio_var=(0.0, 0.2))  # fmt: skip
-    pil = model.view_transform(16, MEAN, STD)
-    device = model.device_view_transform(16, MEAN, STD)
+    model = IBOT(**TINY_IBOT, views=IBOT_VIEWS.replace(local_crop_size=8, local_crops_number=2,
+                 pred_ratio=(0.0, 0.3), pred_ratio_var=(0.0, 0.2)))  # fmt: skip
+    pil = model.views.pil(16, MEAN, STD)
+    device = model.views.device(16, MEAN, STD)
     for view, recipe in zip(pil.crops.transforms, device.recipes, strict=True):
         assert_same_recipe(recipe, view)
     images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
@@ -153,15 +170,21 @@ def test_ibot_device_views_are_dinos_with_host_drawn_masks(tmp_path: Path) -> No
     assert [m.shape for m in crops["masks"]] == [(8, 4, 4)] * 2 and labels.shape == (8,)
 
 
-def test_a_method_without_device_views_gets_a_clear_error(tmp_path: Path) -> None:
-    class PILOnly(SimCLR):
-        def device_view_transform(self, image_size, mean, std) -> None:  # noqa: ANN001
-            return None
+@dataclass(frozen=True)
+class PILOnly(Views):
+    """A recipe with PIL views only (SimCLR's)."""
 
+    def pil(self, image_size: int, mean: Stats, std: Stats) -> Transform:
+        return SIMCLR_VIEWS.pil(image_size, mean, std)
+
+
+def test_a_recipe_without_device_views_gets_a_clear_error(tmp_path: Path) -> None:
     dm = CIFAR10DataModule(str(cifar_folder(tmp_path)), batch_size=4, image_size=16,
                            num_workers=0, device_augment=True)  # fmt: skip
+    model = SimCLR(**TINY_RESNET, views=PILOnly())
+    dm.views = model.views
     with pytest.raises(ValueError, match="PILOnly has no device views.*device_augment: false"):
-        quiet_trainer(max_steps=1, limit_val_batches=0).fit(PILOnly(**TINY_RESNET), datamodule=dm)
+        quiet_trainer(max_steps=1, limit_val_batches=0).fit(model, datamodule=dm)
 
 
 # ------------------------------------------------------------------ vs lightly's PIL views
@@ -170,26 +193,27 @@ def test_a_method_without_device_views_gets_a_clear_error(tmp_path: Path) -> Non
 def test_multicrop_device_views_have_the_statistics_of_lightly_views(
     cifar_sample: np.ndarray,
 ) -> None:
-    dino = DINO(**SMALL_DINO, local_crops_number=1, local_crop_size=16)
-    swav = SwAV(**{**SMALL_SWAV, "nmb_crops": (1, 1), "size_crops": (32, 16)})
+    dino = DINO(**SMALL_DINO, views=dino_views(local_crops_number=1, local_crop_size=16))
+    swav = SwAV(**SMALL_SWAV, views=SWAV_VIEWS.replace(nmb_crops=(1, 1), size_crops=(32, 16)))
     mae = MAE(**TINY_MAE)
     for model, size in ((dino, 32), (swav, 32), (mae, 16)):
-        pil = lightly_statistics(model.view_transform(size, MEAN, STD), cifar_sample)
-        device = device_statistics(model.device_view_transform(size, MEAN, STD), cifar_sample)
+        pil = lightly_statistics(model.views.pil(size, MEAN, STD), cifar_sample)
+        device = device_statistics(model.views.device(size, MEAN, STD), cifar_sample)
         assert similar(pil, device), type(model).__name__
     # the comparison has power: DINO's views without colour jitter are told apart
-    plain = DINO(**SMALL_DINO, local_crops_number=1, local_crop_size=16, color_jitter_prob=0.0)
-    pil = lightly_statistics(dino.view_transform(32, MEAN, STD), cifar_sample)
-    assert not similar(pil, device_statistics(plain.device_view_transform(32, MEAN, STD),
+    plain = DINO(**SMALL_DINO, views=dino_views(local_crops_number=1, local_crop_size=16,
+                                                color_jitter_prob=0.0))  # fmt: skip
+    pil = lightly_statistics(dino.views.pil(32, MEAN, STD), cifar_sample)
+    assert not similar(pil, device_statistics(plain.views.device(32, MEAN, STD),
                                               cifar_sample))  # fmt: skip
 
 
 def test_worker_crops_then_device_photometry_have_the_statistics_of_lightly_views(
     cifar_sample: np.ndarray,
 ) -> None:
-    for model, size in ((SimCLR(**TINY_RESNET), 32), (DINO(**SMALL_DINO, local_crops_number=1,
-                                                            local_crop_size=16), 32)):  # fmt: skip
-        device_views = model.device_view_transform(size, MEAN, STD)
+    dino = DINO(**SMALL_DINO, views=dino_views(local_crops_number=1, local_crop_size=16))
+    for model, size in ((SimCLR(**TINY_RESNET), 32), (dino, 32)):
+        device_views = model.views.device(size, MEAN, STD)
         crops = CropViews(device_views.recipes)
         torch.manual_seed(0)
         cropped = [crops(Image.fromarray(im)) for im in cifar_sample]
@@ -197,7 +221,7 @@ def test_worker_crops_then_device_photometry_have_the_statistics_of_lightly_view
         for batch, recipe in zip(per_view, device_views.recipes, strict=True):
             assert batch.dtype == torch.uint8 and batch.shape[-2:] == recipe.out_size
         device = [view_statistics(v) for v in device_views(per_view)]
-        pil = lightly_statistics(model.view_transform(size, MEAN, STD), cifar_sample)
+        pil = lightly_statistics(model.views.pil(size, MEAN, STD), cifar_sample)
         assert similar(pil, device), type(model).__name__
 
 
@@ -221,6 +245,7 @@ def test_crop_views_draw_from_the_seeded_generator() -> None:
 
 def fit(model, datamodule, steps: int = 2) -> list:  # noqa: ANN001
     """``steps`` training steps; returns the batches training_step received."""
+    datamodule.views = model.views  # as ``sslzoo fit`` hands the model's recipe over
     keep = KeepBatches()
     trainer = quiet_trainer(max_steps=steps, limit_val_batches=0, callbacks=[keep])
     trainer.fit(model, datamodule=datamodule)
@@ -232,8 +257,10 @@ def fit(model, datamodule, steps: int = 2) -> list:  # noqa: ANN001
 def test_multicrop_methods_train_on_in_memory_device_views(tmp_path: Path, method: str) -> None:
     torch.manual_seed(0)
     model = {
-        "dino": lambda: DINO(**SMALL_DINO, local_crops_number=2, local_crop_size=8),
-        "swav": lambda: SwAV(**SMALL_SWAV),
+        "dino": lambda: DINO(
+            **SMALL_DINO, views=dino_views(local_crops_number=2, local_crop_size=8)
+        ),  # fmt: skip
+        "swav": lambda: SwAV(**SMALL_SWAV, views=SMALL_SWAV_VIEWS),
         "mae": lambda: MAE(**TINY_MAE),
     }[method]()
     dm = CIFAR10DataModule(str(cifar_folder(tmp_path)), batch_size=8, image_size=16,
@@ -255,11 +282,13 @@ def test_image_folder_device_path_crops_in_workers_and_trains(
 ) -> None:
     monkeypatch.setenv("PL_GLOBAL_SEED", "5")
     root = cifar_folder(tmp_path)
-    assert isinstance(folder_dm(root).train_transform(SimCLR(**TINY_RESNET)), CropViews)
+    simclr = folder_dm(root)
+    simclr.views = SimCLR(**TINY_RESNET).views
+    assert isinstance(simclr.train_transform(), CropViews)
     runs = []
     for torch_seed in (0, 1):
         torch.manual_seed(torch_seed)
-        model = DINO(**SMALL_DINO, local_crops_number=2, local_crop_size=8)
+        model = DINO(**SMALL_DINO, views=dino_views(local_crops_number=2, local_crop_size=8))
         runs.append(fit(model, folder_dm(root)))
     (views, _), (again, _) = runs[0][0], runs[1][0]
     assert [tuple(v.shape) for v in views] == [(8, 3, 16, 16)] * 2 + [(8, 3, 8, 8)] * 2
@@ -276,12 +305,13 @@ def test_device_views_compile_as_one_graph() -> None:
     # fullgraph tracing fails on any graph break (a host read, Python branching on a tensor);
     # the eager backend keeps the test quick and the random draws those of eager mode
     images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
-    dino = DINO(**SMALL_DINO, local_crops_number=2, local_crop_size=8, solarize_prob=0.5)
-    ibot = IBOT(**TINY_IBOT, local_crops_number=2)
+    dino = DINO(**SMALL_DINO, views=dino_views(local_crops_number=2, local_crop_size=8,
+                                               solarize_prob=0.5))  # fmt: skip
+    ibot = IBOT(**TINY_IBOT, views=IBOT_VIEWS.replace(local_crops_number=2, local_crop_size=8))
     for views in (
         simclr_views(16, MEAN, STD, gaussian_blur=0.5),
-        dino.device_view_transform(16, MEAN, STD),
-        ibot.device_view_transform(16, MEAN, STD),
+        dino.views.device(16, MEAN, STD),
+        ibot.views.device(16, MEAN, STD),
     ):
         torch.manual_seed(0)
         eager = views(images)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -17,15 +18,13 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from sslzoo.augment.recipes import default_local_crop_size
+from sslzoo.losses.distillation import SelfDistillationLoss
 from sslzoo.methods.base import embedding_std
-from sslzoo.methods.dino import (
-    DINO,
-    DINOHead,
-    DINOLoss,
-    clip_gradients_per_parameter,
-    default_local_crop_size,
-    vit_backbone_kwargs,
-)
+from sslzoo.methods.dino import DINO, OPTIM, VIEWS
+from sslzoo.nn.heads import PrototypeHead
+from sslzoo.nn.vit import vit_backbone_kwargs
+from sslzoo.optim.clipping import clip_gradients_per_parameter
 from tests.helpers import digits, quiet_trainer
 
 TINY_VIT = dict(
@@ -35,8 +34,15 @@ TINY_VIT = dict(
 SMALL_HEAD = dict(out_dim=64, hidden_dim=32, bottleneck_dim=16)
 
 
-def tiny_dino(**kwargs) -> DINO:
-    return DINO(**{**TINY_VIT, **SMALL_HEAD, "local_crops_number": 2, **kwargs})
+def tiny_dino(
+    views: dict[str, Any] | None = None, optim: dict[str, Any] | None = None, **kwargs: Any
+) -> DINO:
+    """A tiny ViT DINO with two local crops; ``views`` and ``optim`` change the recipes."""
+    return DINO(
+        **{**TINY_VIT, **SMALL_HEAD, **kwargs},
+        views=VIEWS.replace(**{"local_crops_number": 2, **(views or {})}),
+        optim=OPTIM.replace(**(optim or {})),
+    )
 
 
 def fake_views(batch: int = 4, size: int = 16, local: int = 8, n_local: int = 2):
@@ -73,7 +79,7 @@ def test_loss_matches_reference_over_view_pairs() -> None:
     torch.manual_seed(0)
     student = [torch.randn(3, 5) for _ in range(4)]  # 2 global + 2 local views
     teacher = [torch.randn(3, 5) for _ in range(2)]
-    loss_fn = DINOLoss(5, student_temp=0.1, center_momentum=0.9)
+    loss_fn = SelfDistillationLoss(5, student_temp=0.1, center_momentum=0.9)
     loss_fn.center.copy_(torch.randn(1, 5) * 0.1)
     center = loss_fn.center.clone()
     for tpt in (0.04, 0.07):
@@ -85,14 +91,14 @@ def test_loss_matches_reference_over_view_pairs() -> None:
 def test_loss_sends_no_gradient_to_the_teacher() -> None:
     student = [torch.randn(3, 5, requires_grad=True) for _ in range(3)]
     teacher = [torch.randn(3, 5, requires_grad=True) for _ in range(2)]
-    DINOLoss(5)(student, teacher, 0.04).backward()
+    SelfDistillationLoss(5)(student, teacher, 0.04).backward()
     assert all(s.grad is not None for s in student)
     assert all(t.grad is None for t in teacher)
 
 
 def test_center_update_follows_its_definition() -> None:
     torch.manual_seed(1)
-    loss_fn = DINOLoss(6, center_momentum=0.9)
+    loss_fn = SelfDistillationLoss(6, center_momentum=0.9)
     c0 = torch.randn(1, 6)
     loss_fn.center.copy_(c0)
     teacher = [torch.randn(4, 6), torch.randn(4, 6)]
@@ -121,7 +127,7 @@ def test_teacher_temperature_follows_the_official_per_epoch_schedule() -> None:
 
 def test_head_layout_init_and_frozen_weight_norm() -> None:
     torch.manual_seed(0)
-    head = DINOHead(384, 4096, use_bn=False, norm_last_layer=True)
+    head = PrototypeHead(384, 4096, use_bn=False, norm_last_layer=True)
     linears = [m for m in head.mlp if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [
         (384, 2048),
@@ -137,10 +143,10 @@ def test_head_layout_init_and_frozen_weight_norm() -> None:
     assert torch.allclose(head.last_layer.weight.norm(dim=1), torch.ones(4096), atol=1e-5)
     x = torch.randn(5, 384)
     assert head(x).shape == (5, 4096)
-    assert DINOHead(
+    assert PrototypeHead(
         8, 16, norm_last_layer=False
     ).last_layer.parametrizations.weight.original0.requires_grad  # noqa: E501
-    bn_head = DINOHead(8, 16, use_bn=True, hidden_dim=12, bottleneck_dim=4)
+    bn_head = PrototypeHead(8, 16, use_bn=True, hidden_dim=12, bottleneck_dim=4)
     bn_linears = [m for m in bn_head.mlp if isinstance(m, nn.Linear)]
     assert sum(isinstance(m, nn.BatchNorm1d) for m in bn_head.mlp) == 2
     assert all(m.bias is not None for m in bn_linears)  # official keeps biases before BN
@@ -153,7 +159,7 @@ def test_lightly_head_computes_the_same_function_but_is_not_used() -> None:
     the official head keeps, and (2) it uses the deprecated ``nn.utils.weight_norm``, whose
     modules cannot be deep-copied into an EMA teacher."""
     torch.manual_seed(0)
-    ours = DINOHead(8, 16, hidden_dim=12, bottleneck_dim=4)
+    ours = PrototypeHead(8, 16, hidden_dim=12, bottleneck_dim=4)
     theirs = DINOProjectionHead(8, 12, 4, 16, batch_norm=False)
     with torch.no_grad():
         for a, b in zip(
@@ -258,8 +264,8 @@ def test_cls_token_starts_from_dinos_truncated_normal() -> None:
 
 
 def test_multicrop_views_follow_the_recipe() -> None:
-    model = tiny_dino(local_crops_number=3)
-    transform = model.view_transform(16, [0.5] * 3, [0.25] * 3)
+    model = tiny_dino(views=dict(local_crops_number=3))
+    transform = model.views.pil(16, [0.5] * 3, [0.25] * 3)
     views = transform(Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)))
     assert [tuple(v.shape) for v in views] == [(3, 16, 16)] * 2 + [(3, 8, 8)] * 3
     settings = []
@@ -283,9 +289,11 @@ def test_multicrop_views_follow_the_recipe() -> None:
 
 def test_fixed_size_vit_with_local_crops_is_refused() -> None:
     kwargs = dict(TINY_VIT["backbone_kwargs"], dynamic_img_size=False)
-    model = tiny_dino(backbone_kwargs=kwargs)
+    # the views are built from the recipe by the datamodule, so the method refuses them
+    # when it is built: a fixed-size ViT's global crops are its img_size
     with pytest.raises(ValueError, match="dynamic_img_size"):
-        model.view_transform(16, [0.5] * 3, [0.25] * 3)
+        tiny_dino(backbone_kwargs=kwargs)
+    tiny_dino(backbone_kwargs=kwargs, views=dict(local_crops_number=0))
 
 
 # ------------------------------------------------------------------------------- gradients
@@ -343,8 +351,10 @@ class Recorder(L.Callback):
 def short_run() -> tuple[DINO, list[dict], int]:
     """Two epochs of three steps on the digits."""
     torch.manual_seed(0)
-    model = tiny_dino(weight_decay=0.04, weight_decay_end=0.4, freeze_last_layer=1, warmup_epochs=0)
-    data = digits(batch_size=16)
+    model = tiny_dino(
+        freeze_last_layer=1, optim=dict(weight_decay=0.04, weight_decay_end=0.4, warmup_epochs=0)
+    )
+    data = digits(batch_size=16, views=model.views)
     recorder = Recorder()
     trainer = quiet_trainer(
         max_epochs=2, limit_train_batches=3, limit_val_batches=0, callbacks=[recorder]
@@ -402,10 +412,11 @@ def test_a_few_steps_on_a_fixed_batch_lower_the_loss() -> None:
     so the targets are the per-image residuals rather than one sharp shared peak."""
     torch.manual_seed(0)
     model = tiny_dino(
-        lr=1e-3, lr_scaling="none", warmup_epochs=0, freeze_last_layer=0, weight_decay_end=None
+        freeze_last_layer=0,
+        optim=dict(lr=1e-3, lr_scaling="none", warmup_epochs=0, weight_decay_end=None),
     )
     data = digits(batch_size=16)
-    transform = model.view_transform(16, data.mean, data.std)
+    transform = model.views.pil(16, data.mean, data.std)
     images, labels = data._train
     items = [(transform(Image.fromarray(images[i])), int(labels[i])) for i in range(16)]
     views, _ = default_collate(items)

@@ -33,11 +33,12 @@ if str(REPO) not in sys.path:  # run as a script by the launcher below
     sys.path.insert(0, str(REPO))
 
 from sslzoo.callbacks.ema import ema_update  # noqa: E402
+from sslzoo.methods import dino, ibot, mae, swav  # noqa: E402
 from sslzoo.methods.dino import DINO  # noqa: E402
 from sslzoo.methods.ibot import IBOT  # noqa: E402
 from sslzoo.methods.mae import MAE  # noqa: E402
 from sslzoo.methods.swav import SwAV  # noqa: E402
-from tests.conftest import SMALL_SWAV  # noqa: E402
+from tests.conftest import TINY_RESNET  # noqa: E402
 
 WORLD = 2
 SAMPLES, GLOBAL_BATCH = 16, 8  # 2 optimizer steps per epoch
@@ -74,13 +75,11 @@ def tiny_dino(seed: int = 0) -> DINO:
         out_dim=64,
         hidden_dim=32,
         bottleneck_dim=16,
-        local_crops_number=2,
         drop_path_rate=0.0,
         clip_grad=0.05,
         freeze_last_layer=1,
-        lr=0.01,
-        warmup_epochs=1,
-        weight_decay_end=0.4,
+        views=dino.VIEWS.replace(local_crops_number=2),
+        optim=dino.OPTIM.replace(lr=0.01, warmup_epochs=1, weight_decay_end=0.4),
     )
 
 
@@ -88,11 +87,16 @@ def tiny_swav() -> SwAV:
     """SwAV with a tiny ResNet, LARS, and a queue full from step 2 on (per-rank length 8)."""
     torch.manual_seed(0)
     return SwAV(
-        **SMALL_SWAV,
+        **TINY_RESNET,
+        hidden_mlp=32,
+        feat_dim=16,
+        nmb_prototypes=24,
+        sync_batchnorm=False,
         queue_length=16,
         epoch_queue_starts=0,
         freeze_prototypes_niters=1,
-        warmup_epochs=1,
+        views=swav.VIEWS.replace(nmb_crops=(2, 2), size_crops=(16, 8)),
+        optim=swav.OPTIM.replace(warmup_epochs=1),
     )
 
 
@@ -106,10 +110,9 @@ def tiny_ibot() -> IBOT:
         patch_out_dim=64,
         hidden_dim=32,
         bottleneck_dim=16,
-        local_crops_number=2,
         drop_path_rate=0.0,
-        lr=0.01,
-        warmup_epochs=1,
+        views=ibot.VIEWS.replace(local_crops_number=2),
+        optim=ibot.OPTIM.replace(lr=0.01, warmup_epochs=1),
     )
 
 
@@ -121,8 +124,7 @@ def tiny_mae() -> MAE:
         decoder_embed_dim=16,
         decoder_depth=1,
         decoder_num_heads=2,
-        lr=0.01,
-        warmup_epochs=1,
+        optim=mae.OPTIM.replace(lr=0.01, warmup_epochs=1),
     )
 
 
@@ -568,7 +570,7 @@ def test_fsdp_preset_reduces_and_keeps_buffers_in_fp32() -> None:
     from timm.models.vision_transformer import Block
 
     from sslzoo.backbones import Backbone
-    from sslzoo.methods.dino import DINOHead
+    from sslzoo.nn.heads import PrototypeHead
 
     strategy = preset_strategy("fsdp")
     mp = strategy.mixed_precision
@@ -578,7 +580,7 @@ def test_fsdp_preset_reduces_and_keeps_buffers_in_fp32() -> None:
         torch.float32,
     )
     wrapped = strategy.kwargs["auto_wrap_policy"]._module_classes
-    assert {Block, Backbone, DINOHead} <= set(wrapped)
+    assert {Block, Backbone, PrototypeHead} <= set(wrapped)
 
 
 if __name__ == "__main__":

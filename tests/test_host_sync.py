@@ -32,11 +32,14 @@ from sslzoo.methods import base
 from sslzoo.methods.base import SSLMethod
 from sslzoo.methods.byol import BYOL
 from sslzoo.methods.dino import DINO
+from sslzoo.methods.dino import VIEWS as DINO_VIEWS
 from sslzoo.methods.ibot import IBOT
+from sslzoo.methods.ibot import VIEWS as IBOT_VIEWS
 from sslzoo.methods.mae import MAE
 from sslzoo.methods.mocov3 import MoCoV3
 from sslzoo.methods.simclr import SimCLR
 from sslzoo.methods.simsiam import SimSiam
+from sslzoo.methods.swav import VIEWS as SWAV_VIEWS
 from sslzoo.methods.swav import SwAV
 from tests.conftest import TINY_RESNET
 from tests.helpers import quiet_trainer
@@ -310,8 +313,7 @@ METHODS: dict[str, tuple[Callable[[], SSLMethod], Callable[[], Any]]] = {
             hidden_mlp=16,
             feat_dim=8,
             nmb_prototypes=12,
-            nmb_crops=(2, 2),
-            size_crops=(16, 8),
+            views=SWAV_VIEWS.replace(nmb_crops=(2, 2), size_crops=(16, 8)),
             freeze_prototypes_niters=1,
             queue_length=2 * BATCH,
             epoch_queue_starts=0,
@@ -320,11 +322,18 @@ METHODS: dict[str, tuple[Callable[[], SSLMethod], Callable[[], Any]]] = {
         multicrop,
     ),
     "dino": (
-        lambda: DINO(**TINY_VIT, **HEAD, local_crops_number=2, freeze_last_layer=1),
+        lambda: DINO(
+            **TINY_VIT,
+            **HEAD,
+            freeze_last_layer=1,
+            views=DINO_VIEWS.replace(local_crops_number=2),
+        ),
         multicrop,
     ),
     "ibot": (
-        lambda: IBOT(**TINY_VIT, **HEAD, patch_out_dim=32, local_crops_number=2),
+        lambda: IBOT(
+            **TINY_VIT, **HEAD, patch_out_dim=32, views=IBOT_VIEWS.replace(local_crops_number=2)
+        ),
         crops_and_masks,
     ),
     "mae": (
@@ -417,7 +426,7 @@ def test_swav_restored_queue_is_used_exactly_when_its_last_row_is_filled() -> No
         saved = torch.zeros(1, 2, 2 * BATCH, 8)
         saved[..., :filled, :] = torch.nn.functional.normalize(torch.randn(2, filled, 8), dim=2)
         model.on_load_checkpoint({"swav_queue": saved})
-        assert model._queue_rows == filled
+        assert model._queue.rows == filled
         record: list[str] = []
         with host_syncs_refused(record):
             seen = [model.queue_scores(z) is not None for _ in range(2)]

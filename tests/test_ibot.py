@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -15,15 +16,15 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from sslzoo.methods.dino import cross_view_loss, teacher_probs
-from sslzoo.methods.ibot import (
-    IBOT,
-    IBOTLoss,
-    IBOTMaskGenerator,
-    embed_patches,
+from sslzoo.augment.masks import MaskGenerator
+from sslzoo.losses.distillation import (
+    MaskedSelfDistillationLoss,
+    cross_view_loss,
     masked_patch_loss,
-    vit_tokens,
+    teacher_probs,
 )
+from sslzoo.methods.ibot import IBOT, OPTIM, VIEWS
+from sslzoo.nn.vit import embed_patches, vit_tokens
 from tests.helpers import digits, quiet_trainer
 
 TINY_VIT = dict(
@@ -33,8 +34,15 @@ TINY_VIT = dict(
 SMALL_HEAD = dict(out_dim=64, patch_out_dim=64, hidden_dim=32, bottleneck_dim=16)
 
 
-def tiny_ibot(**kwargs) -> IBOT:
-    return IBOT(**{**TINY_VIT, **SMALL_HEAD, "local_crops_number": 2, **kwargs})
+def tiny_ibot(
+    views: dict[str, Any] | None = None, optim: dict[str, Any] | None = None, **kwargs: Any
+) -> IBOT:
+    """A tiny ViT iBOT with two local crops; ``views`` and ``optim`` change the recipes."""
+    return IBOT(
+        **{**TINY_VIT, **SMALL_HEAD, **kwargs},
+        views=VIEWS.replace(**{"local_crops_number": 2, **(views or {})}),
+        optim=OPTIM.replace(**(optim or {})),
+    )
 
 
 def fake_batch(batch: int = 4, masked: bool = True):
@@ -88,8 +96,8 @@ def test_patch_loss_matches_reference_and_ignores_unmasked_tokens() -> None:
 
 def test_ibot_loss_combines_cls_and_patch_terms_and_updates_both_centres() -> None:
     torch.manual_seed(0)
-    fn = IBOTLoss(5, 6, student_temp=0.1, center_momentum=0.9, center_momentum2=0.8,
-                  lambda1=0.5, lambda2=2.0)  # fmt: skip
+    fn = MaskedSelfDistillationLoss(5, 6, student_temp=0.1, center_momentum=0.9,
+                                    center_momentum2=0.8, lambda1=0.5, lambda2=2.0)  # fmt: skip
     c1, c2 = torch.randn(1, 5) * 0.1, torch.randn(1, 1, 6) * 0.1
     fn.center.copy_(c1)
     fn.center2.copy_(c2)
@@ -123,7 +131,7 @@ def test_lightly_patch_loss_matches_the_value_but_not_the_centre() -> None:
     flat = mask.flatten(1)
     theirs = IBOTPatchLoss(6, teacher_temp=0.07, student_temp=0.1, center_momentum=0.9)
     their_loss = theirs(teacher[flat], student[flat], mask)
-    ours = IBOTLoss(6, 6)
+    ours = MaskedSelfDistillationLoss(6, 6)
     our_loss = masked_patch_loss(student, teacher_probs(teacher, ours.center2, 0.07), flat, 0.1)
     assert float(their_loss) == pytest.approx(float(our_loss), rel=1e-5)
     ours([torch.randn(3, 6)] * 2, [torch.randn(3, 6)] * 2, [student] * 2, [teacher] * 2,
@@ -157,27 +165,27 @@ def test_patch_temperature_warmup_starts_at_pred_start_epoch() -> None:
 def test_block_masks_have_the_requested_ratio_range() -> None:
     random.seed(0)
     for grid in (14, 8):
-        gen = IBOTMaskGenerator(0.3, 0.2, "block", (0.3, 1 / 0.3))
+        gen = MaskGenerator(0.3, 0.2, "block", (0.3, 1 / 0.3))
         ratios = np.array([float(gen(grid, grid).float().mean()) for _ in range(300)])
         assert ratios.max() <= 0.5 + 1e-9  # never past the drawn target
         assert 0.2 < ratios.mean() < 0.35
         assert (ratios >= 0.05).mean() > 0.95
-    square = IBOTMaskGenerator(0.3, 0.0, "block")(14, 14)
+    square = MaskGenerator(0.3, 0.0, "block")(14, 14)
     assert square.shape == (14, 14) and square.dtype == torch.bool
 
 
 def test_random_masks_mask_exactly_the_drawn_number() -> None:
     random.seed(1)
     np.random.seed(1)
-    gen = IBOTMaskGenerator(0.3, 0.2, "rand")
+    gen = MaskGenerator(0.3, 0.2, "rand")
     counts = np.array([int(gen(8, 8).sum()) for _ in range(200)])
     assert counts.min() >= int(0.1 * 64) and counts.max() <= int(0.5 * 64)
-    assert int(IBOTMaskGenerator(0.25, 0.0, "rand")(8, 8).sum()) == 16
+    assert int(MaskGenerator(0.25, 0.0, "rand")(8, 8).sum()) == 16
 
 
 def test_recipe_ratios_leave_about_half_of_the_images_unmasked() -> None:
     random.seed(2)
-    gen = IBOTMaskGenerator((0.0, 0.3), (0.0, 0.2), "block")
+    gen = MaskGenerator((0.0, 0.3), (0.0, 0.2), "block")
     masks = [gen(14, 14) for _ in range(600)]
     unmasked = np.mean([not bool(m.any()) for m in masks])
     assert 0.44 < unmasked < 0.56
@@ -187,14 +195,14 @@ def test_recipe_ratios_leave_about_half_of_the_images_unmasked() -> None:
 
 def test_invalid_ratio_settings_are_refused() -> None:
     with pytest.raises(ValueError):
-        IBOTMaskGenerator(0.1, 0.2)
+        MaskGenerator(0.1, 0.2)
     with pytest.raises(ValueError):
-        IBOTMaskGenerator((0.0, 0.3), (0.0, 0.1, 0.2))
+        MaskGenerator((0.0, 0.3), (0.0, 0.1, 0.2))
 
 
-def test_view_transform_adds_one_mask_per_global_crop() -> None:
-    model = tiny_ibot(pred_ratio=0.3, pred_ratio_var=0.0)
-    out = model.view_transform(16, [0.5] * 3, [0.25] * 3)(
+def test_pil_views_add_one_mask_per_global_crop() -> None:
+    model = tiny_ibot(views=dict(pred_ratio=(0.3,), pred_ratio_var=(0.0,)))
+    out = model.views.pil(16, [0.5] * 3, [0.25] * 3)(
         Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8))
     )
     assert [tuple(v.shape) for v in out["views"]] == [(3, 16, 16)] * 2 + [(3, 8, 8)] * 2
@@ -358,17 +366,13 @@ def test_a_few_steps_on_a_fixed_batch_lower_the_loss() -> None:
     torch.manual_seed(0)
     random.seed(0)
     model = tiny_ibot(
-        pred_ratio=(0.0, 0.3),
-        pred_ratio_var=(0.0, 0.2),
-        lr=1e-3,
-        lr_scaling="none",
-        warmup_epochs=0,
         freeze_last_layer=0,
-        weight_decay_end=None,
         warmup_teacher_temp_epochs=0,
+        views=dict(pred_ratio=(0.0, 0.3), pred_ratio_var=(0.0, 0.2)),
+        optim=dict(lr=1e-3, lr_scaling="none", warmup_epochs=0, weight_decay_end=None),
     )
     data = digits(batch_size=16)
-    transform = model.view_transform(16, data.mean, data.std)
+    transform = model.views.pil(16, data.mean, data.std)
     images, labels = data._train
     items = [(transform(Image.fromarray(images[i])), int(labels[i])) for i in range(16)]
     crops, _ = default_collate(items)

@@ -38,10 +38,10 @@ DINO = {
                             "num_heads": 2},
         "drop_path_rate": 0.1,  # random draws inside the training step
         "out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16,
-        "local_crops_number": 2,
-        "warmup_epochs": 1,
         "warmup_teacher_temp_epochs": 1,
         "sync_batchnorm": False,
+        "views": {"local_crops_number": 2},
+        "optim": {"warmup_epochs": 1},
     },
 }  # fmt: skip
 
@@ -49,14 +49,15 @@ SWAV = {
     "class_path": "sslzoo.methods.SwAV",
     "init_args": {
         **TINY_RESNET,
-        "nmb_crops": [2], "size_crops": [16], "min_scale_crops": [0.14],
-        "max_scale_crops": [1.0],
         "feat_dim": 16, "hidden_mlp": 32, "nmb_prototypes": 10,
         "freeze_prototypes_niters": 2,
         "queue_length": 32,  # 2 batches of 16: full, and used, from step 3 on
         "epoch_queue_starts": 0,
-        "optimizer": "sgd", "lr": 0.1, "warmup_epochs": 0, "start_warmup_lr": 0.0,
-        "min_lr": 0.0, "sync_batchnorm": False,
+        "sync_batchnorm": False,
+        "views": {"nmb_crops": [2], "size_crops": [16], "min_scale_crops": [0.14],
+                  "max_scale_crops": [1.0]},
+        "optim": {"optimizer": "sgd", "lr": 0.1, "warmup_epochs": 0, "start_warmup_lr": 0.0,
+                  "min_lr": 0.0},
     },
 }  # fmt: skip
 
@@ -287,9 +288,14 @@ def test_device_augmented_run_killed_mid_epoch_resumes_exactly(
         "class_path": f"sslzoo.datamodules.{datamodule}",
         "init_args": {**where, "image_size": 16, "device_augment": True},
     }
+    init_args = DINO["init_args"]
     dino_resnet = {
         "class_path": "sslzoo.methods.DINO",
-        "init_args": {**DINO["init_args"], **TINY_RESNET, "local_crop_size": 8},
+        "init_args": {
+            **init_args,
+            **TINY_RESNET,
+            "views": {**init_args["views"], "local_crop_size": 8},
+        },
     }
     workers = 0 if datamodule == "CIFAR10DataModule" else 1
     full, resumed, left = kill_and_resume(

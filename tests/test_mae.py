@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from torch import nn
 from torchvision import transforms as T
 
 from sslzoo.callbacks import OnlineProbe
-from sslzoo.methods.mae import MAE
+from sslzoo.methods.mae import MAE, OPTIM
 from tests.helpers import digits, quiet_trainer
 
 TINY_VIT = dict(
@@ -27,7 +28,7 @@ TINY_VIT = dict(
 P, GRID = 4, 4  # patch size and patches per side of a 16x16 image: L = 16
 
 
-def tiny_mae(**kwargs) -> MAE:
+def tiny_mae(**kwargs: Any) -> MAE:
     torch.manual_seed(0)
     return MAE(**{**TINY_VIT, **kwargs})
 
@@ -78,11 +79,12 @@ def test_defaults_are_the_official_recipe() -> None:
     }
     assert defaults["mask_ratio"] == 0.75 and defaults["norm_pix_loss"] is True
     assert (defaults["decoder_embed_dim"], defaults["decoder_depth"]) == (512, 8)
-    assert defaults["decoder_num_heads"] == 16 and defaults["optimizer"] == "adamw"
-    assert defaults["betas"] == (0.9, 0.95) and defaults["weight_decay"] == 0.05
-    assert (defaults["lr"], defaults["lr_scaling"]) == (1.5e-4, "linear")
-    assert (defaults["warmup_epochs"], defaults["min_lr"]) == (40, 0.0)
-    assert defaults["crop_min_scale"] == 0.2
+    optim, views = defaults["optim"], defaults["views"]
+    assert defaults["decoder_num_heads"] == 16 and optim.optimizer == "adamw"
+    assert optim.betas == (0.9, 0.95) and optim.weight_decay == 0.05
+    assert (optim.lr, optim.lr_scaling) == (1.5e-4, "linear")
+    assert (optim.warmup_epochs, optim.min_lr) == (40, 0.0)
+    assert views.crop_min_scale == 0.2
     for name in defaults:
         assert f"{name}:" in MAE.__doc__, f"{name} has no line in the docstring's Args"
 
@@ -219,7 +221,7 @@ def test_view_is_one_crop_and_flip_without_colour() -> None:
     """lightly's MAETransform is exactly the official pretraining augmentation:
     RandomResizedCrop(scale=(0.2, 1), bicubic) + flip, then ToTensor and Normalize."""
     model = tiny_mae()
-    views = model.view_transform(16, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3])
+    views = model.views.pil(16, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3])
     ops = views.transform.transforms
     names = [type(o).__name__ for o in ops]
     assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
@@ -242,9 +244,9 @@ def test_short_training_lowers_reconstruction_loss(monkeypatch: pytest.MonkeyPat
     that of predicting zeros (the per-patch mean under norm_pix_loss), the sin-cos tables stay
     put, and the online probe trains on the features the step hands over."""
     monkeypatch.setenv("PL_GLOBAL_SEED", "0")
-    model = tiny_mae(lr=3e-3, lr_scaling="none", warmup_epochs=0)
+    model = tiny_mae(optim=OPTIM.replace(lr=3e-3, lr_scaling="none", warmup_epochs=0))
     pos_embed = model.backbone.model.pos_embed.clone()
-    data = digits(batch_size=32)
+    data = digits(batch_size=32, views=model.views)
     data.build_datasets(None, data.eval_transform())
     imgs = torch.stack([data.bank_set[i][0] for i in range(64)])
 

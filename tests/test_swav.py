@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-import sslzoo.methods.swav as swav_module
-from sslzoo.methods.swav import SwAV, distributed_sinkhorn, swav_loss
-from tests.conftest import SMALL_SWAV, TINY_RESNET
+from sslzoo.losses.swapped import SwappedPredictionLoss, distributed_sinkhorn
+from sslzoo.methods.swav import OPTIM, VIEWS, SwAV
+from sslzoo.nn.queue import filled_rows
+from tests.conftest import TINY_RESNET
 from tests.helpers import digits, quiet_trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +33,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-SMALL = SMALL_SWAV
+# SwAV on TINY_RESNET with small heads and two crop sizes (2 x 16 px, 2 x 8 px).
+SMALL = {
+    **TINY_RESNET,
+    "hidden_mlp": 32,
+    "feat_dim": 16,
+    "nmb_prototypes": 24,
+    "views": VIEWS.replace(nmb_crops=(2, 2), size_crops=(16, 8)),
+    "sync_batchnorm": False,
+}
+
+
+def set_queue(model: SwAV, queue: torch.Tensor | None) -> None:
+    """Replace a model's queue as a restore does: its filled rows are counted once."""
+    model._queue.tensor = queue
+    model._queue.rows = 0 if queue is None else filled_rows(queue)
 
 
 # ----------------------------------------------------------------- references written by hand
@@ -97,7 +112,7 @@ def test_swav_loss_matches_hand_written(with_queue: bool) -> None:
     scores = [F.normalize(torch.randn(batch, 8), dim=1) @ protos.T for _ in range(4)]
     queue = [F.normalize(torch.randn(6, 8), dim=1) @ protos.T for _ in range(2)]
     queue = queue if with_queue else None
-    ours = swav_loss(scores, (0, 1), temperature, epsilon, 3, queue)
+    ours = SwappedPredictionLoss((0, 1), temperature, epsilon, 3)(scores, queue)
     ref = swav_loss_by_hand(
         [s.tolist() for s in scores],
         (0, 1),
@@ -113,7 +128,7 @@ def test_codes_get_no_gradient() -> None:
     """The gradient w.r.t. an assignment crop's scores comes only from its predictions."""
     torch.manual_seed(2)
     scores = [torch.randn(4, 6, requires_grad=True) for _ in range(3)]
-    swav_loss(scores, (0,), 0.1, 0.05, 3).backward()
+    SwappedPredictionLoss((0,), 0.1, 0.05, 3)(scores).backward()
     q = distributed_sinkhorn(scores[0].detach(), 0.05, 3)
     assert scores[0].grad is None
     for v in (1, 2):  # d/ds of -mean(q . log_softmax(s / T)) / 2
@@ -135,16 +150,16 @@ def _two_rank_worker(rank: int, store: str, errors) -> None:
         assert torch.allclose(ours, ref.float(), atol=1e-5), "sinkhorn over two ranks"
 
         model = SwAV(**SMALL, queue_length=70, epoch_queue_starts=0)
-        queue = model._queue_for(batch_size=8, device=torch.device("cpu"))
+        queue = model._queue.prepare(batch_size=8, device=torch.device("cpu"))
         assert tuple(queue.shape) == (2, 32, 16), "per-rank length (70 - 70 % 16) // 2"
-        model.queue = torch.full((2, 32, 16), float(rank))
+        set_queue(model, torch.full((2, 32, 16), float(rank)))
         checkpoint: dict = {}
         model.on_save_checkpoint(checkpoint)
         saved = checkpoint["swav_queue"]
         assert (
             tuple(saved.shape) == (2, 2, 32, 16) and saved[1].eq(1).all() and saved[0].eq(0).all()
         )
-        model.queue = None
+        set_queue(model, None)
         model.on_load_checkpoint(checkpoint)
         assert model.queue.eq(rank).all(), "each rank gets its own queue back"
         dist.destroy_process_group()
@@ -186,7 +201,7 @@ def test_views_are_the_official_multicrop() -> None:
     ColorJitter, vertical flip and rotation with p=0) do nothing."""
     model = SwAV(sync_batchnorm=False, **TINY_RESNET)
     mean, std = [0.485, 0.456, 0.406], [0.228, 0.224, 0.225]
-    views = model.view_transform(224, mean, std)
+    views = model.views.pil(224, mean, std)
     assert len(views.transforms) == 8
     crops = [v.transforms[0] for v in views.transforms]
     assert [tuple(c.size) for c in crops] == [(224, 224)] * 2 + [(96, 96)] * 6
@@ -211,11 +226,12 @@ def test_crop_sizes_follow_image_size() -> None:
     from PIL import Image
 
     model = SwAV(sync_batchnorm=False, **TINY_RESNET)
-    assert model.crop_sizes(224) == [224, 96]
-    assert model.crop_sizes(32) == [32, 14]
-    assert SwAV(**{**SMALL, "size_crops": (32, 16)}).crop_sizes(32) == [32, 16]
+    assert model.views.crop_sizes(224) == [224, 96]
+    assert model.views.crop_sizes(32) == [32, 14]
+    larger = SMALL["views"].replace(size_crops=(32, 16))
+    assert SwAV(**{**SMALL, "views": larger}).views.crop_sizes(32) == [32, 16]
     image = Image.new("RGB", (40, 40), (120, 30, 200))
-    views = SwAV(**SMALL).view_transform(16, [0.5] * 3, [0.25] * 3)(image)
+    views = SwAV(**SMALL).views.pil(16, [0.5] * 3, [0.25] * 3)(image)
     assert [tuple(v.shape) for v in views] == [(3, 16, 16)] * 2 + [(3, 8, 8)] * 2
 
 
@@ -264,7 +280,7 @@ class Recorder(Callback):
         self.weights.append(pl_module.prototypes.weight.detach().clone())
 
 
-def test_freeze_queue_normalisation_and_checkpoint(tmp_path: Path, monkeypatch) -> None:
+def test_freeze_queue_normalisation_and_checkpoint(tmp_path: Path) -> None:
     """Three epochs of three steps at batch 32, prototypes frozen for two steps, a queue of two
     batches from epoch 1: it is created at step 3, full after step 4 and used from step 5."""
     torch.manual_seed(0)
@@ -273,21 +289,19 @@ def test_freeze_queue_normalisation_and_checkpoint(tmp_path: Path, monkeypatch) 
         freeze_prototypes_niters=2,
         queue_length=64,
         epoch_queue_starts=1,
-        optimizer="sgd",
-        lr=0.1,
-        warmup_epochs=0,
-        start_warmup_lr=0.0,
-        min_lr=0.0,
+        optim=OPTIM.replace(
+            optimizer="sgd", lr=0.1, warmup_epochs=0, start_warmup_lr=0.0, min_lr=0.0
+        ),
     )
     used: list[tuple[int, bool]] = []
 
-    def spy(scores, crops_for_assign, temperature, epsilon, iterations, queue_scores=None):
+    def spy(module: torch.nn.Module, args: tuple) -> None:
+        scores, queue_scores = args
         used.append((model.global_step, queue_scores is not None))
         if queue_scores is not None:
             assert [tuple(s.shape) for s in queue_scores] == [(64, 24)] * 2
-        return swav_loss(scores, crops_for_assign, temperature, epsilon, iterations, queue_scores)
 
-    monkeypatch.setattr(swav_module, "swav_loss", spy)
+    model.criterion.register_forward_pre_hook(spy)
     norms: list[torch.Tensor] = []
     model.prototypes.register_forward_pre_hook(
         lambda m, args: norms.append(m.weight.detach().norm(dim=1))
@@ -296,7 +310,7 @@ def test_freeze_queue_normalisation_and_checkpoint(tmp_path: Path, monkeypatch) 
     trainer = quiet_trainer(
         max_epochs=3, limit_train_batches=3, limit_val_batches=0, callbacks=[recorder]
     )
-    trainer.fit(model, datamodule=digits(batch_size=32))
+    trainer.fit(model, datamodule=digits(batch_size=32, views=model.views))
 
     # prototypes are on the unit sphere whenever they score embeddings
     assert len(norms) == 9 and all(torch.allclose(n, torch.ones_like(n), atol=1e-5) for n in norms)
@@ -324,11 +338,11 @@ def test_recipe_absolute_lrs_warn_at_another_batch() -> None:
     """start_warmup_lr 0.3 and min_lr 0.0048 are main_swav's values for batch 4096, not scaled
     with the batch: a run at batch 32 that keeps them is told; one that sets them is not."""
     for kwargs, warned in (({}, True), ({"start_warmup_lr": 0.0, "min_lr": 0.0}, False)):
-        model = SwAV(**SMALL, optimizer="sgd", **kwargs)
+        model = SwAV(**SMALL, optim=OPTIM.replace(optimizer="sgd", **kwargs))
         trainer = quiet_trainer(max_steps=1, limit_val_batches=0)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            trainer.fit(model, datamodule=digits(batch_size=32))
+            trainer.fit(model, datamodule=digits(batch_size=32, views=model.views))
         hits = [str(w.message) for w in caught if "batch-4096" in str(w.message)]
         assert bool(hits) is warned, hits
         if warned:
@@ -355,7 +369,7 @@ def test_few_steps_lower_the_loss_without_collapse() -> None:
     L.seed_everything(0, verbose=False)  # lightly's PIL views draw from random and numpy too
     data = digits(batch_size=32)
     model = SwAV(**{**SMALL, "nmb_prototypes": 64}, freeze_prototypes_niters=0)
-    data.build_datasets(model.view_transform(16, data.mean, data.std), data.eval_transform())
+    data.build_datasets(model.views.pil(16, data.mean, data.std), data.eval_transform())
     views, labels = next(iter(torch.utils.data.DataLoader(data.train_set, batch_size=32)))
     logged: dict[str, list[float]] = {"train/loss": [], "train/embedding_std": []}
     model.log = lambda name, value, **kw: logged[name].append(float(value.detach()))
@@ -394,10 +408,10 @@ def test_configs_instantiate(tmp_path: Path) -> None:
         clis[config] = SSLZooCLI(args=args, run=False)
         assert isinstance(clis[config].model, SwAV), config
     cifar = clis["configs/cifar10/swav.yaml"].model
-    assert cifar.crop_sizes(32) == [32] and cifar.hparams.nmb_prototypes == 512
+    assert cifar.views.crop_sizes(32) == [32] and cifar.hparams.nmb_prototypes == 512
     imagenet = clis["configs/imagenet/swav.yaml"]
-    hp, st = imagenet.model.hparams, imagenet.model.settings
-    assert imagenet.model.crop_sizes(224) == [224, 96] and list(hp.nmb_crops) == [2, 6]
+    hp, st, views = imagenet.model.hparams, imagenet.model.optim, imagenet.model.views
+    assert views.crop_sizes(224) == [224, 96] and list(views.nmb_crops) == [2, 6]
     assert (hp.queue_length, hp.freeze_prototypes_niters) == (3840, 5005)
     # batch-256 recipe: lr 0.6 x 256 / 256 with linear scaling, final lr 0.6 / 1000
     assert imagenet.datamodule.batch_size == 256 and st.lr_scaling == "linear"

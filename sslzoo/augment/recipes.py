@@ -42,6 +42,7 @@ from sslzoo.augment.params import CropSampler
 from sslzoo.augment.tf_color import ColorOps
 from sslzoo.augment.tf_recipe import TFRecipe
 from sslzoo.augment.views import DeviceViews, ViewRecipe, lightly_view
+from sslzoo.errors import ConfigError
 
 Transform = Callable[[Image.Image], Any]
 Stats = tuple[float, ...]
@@ -56,8 +57,12 @@ class Views:
 
     def device(self, image_size: int, mean: Stats, std: Stats) -> nn.Module:
         """A uint8 batch (N, 3, H, W), or per-view batches already cropped, -> the views, each
-        image drawing its own parameters (:class:`~sslzoo.augment.views.DeviceViews`)."""
-        raise NotImplementedError
+        image drawing its own parameters (:class:`~sslzoo.augment.views.DeviceViews`).
+        A recipe without device views says so, for the datamodule's ``device_augment``."""
+        raise ConfigError(
+            f"{type(self).__name__} has no device views (Views.device); set device_augment: "
+            "false for it"
+        )
 
     def worker_crops(self, image_size: int, mean: Stats, std: Stats) -> Transform:
         """The geometric half of :meth:`device`, per image in dataloader workers: the views

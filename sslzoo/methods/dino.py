@@ -50,6 +50,23 @@ OPTIM = Optimization(
 )  # fmt: skip
 
 
+def check_local_crops(backbone: nn.Module, views: GlobalLocalViews) -> None:
+    """Refuse local crops smaller than the global crops for a ViT that takes one image size
+    only (``dynamic_img_size`` off): its global crops are that size, its local crops would
+    fail in the patch embedding at the first step."""
+    vit = getattr(backbone, "model", backbone)
+    embed = getattr(vit, "patch_embed", None)
+    if views.local_crops_number == 0 or embed is None or getattr(vit, "dynamic_img_size", True):
+        return
+    size = int(embed.img_size[0])
+    local = views.local_size(size)
+    if local != size:
+        raise ValueError(
+            f"local crops of {local} px need a ViT that accepts other sizes than {size} px: "
+            "set backbone_kwargs.dynamic_img_size: true"
+        )
+
+
 class DINO(SSLMethod):
     """DINO with the official (facebookresearch/dino ``main_dino.py``) defaults.
 
@@ -121,6 +138,7 @@ class DINO(SSLMethod):
         )
         if self.views.patch_size is None:  # local crops (and masks) align to the patches
             self.views = self.views.replace(patch_size=patch_size_of(self.backbone))
+        check_local_crops(self.backbone, self.views)
         dino_vit_setup(self.backbone.model)
         self.head = self.build_head()
         self.teacher_backbone = disable_drop_path(frozen_copy(self.backbone))
