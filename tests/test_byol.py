@@ -10,10 +10,13 @@ import yaml
 from torch import nn
 
 from sslzoo.backbones import build_backbone
-from sslzoo.methods.byol import BYOL, BYOLMLP, regression_loss
+from sslzoo.losses.regression import NormalizedMSELoss
+from sslzoo.methods.byol import BYOL, byol_mlp
+from sslzoo.methods.byol import VIEWS as BYOL_VIEWS
 from tests.conftest import REPO, TINY_RESNET
 
 SMALL = dict(**TINY_RESNET, projector_hidden_dim=32, projector_out_dim=8, predictor_hidden_dim=32)
+regression_loss = NormalizedMSELoss()
 
 
 def test_regression_loss_matches_formula() -> None:
@@ -88,8 +91,8 @@ def test_target_starts_from_its_own_random_initialisation() -> None:
     then the target backbone and projector, drawn in turn from the seeded generator."""
     arch = dict(name=SMALL["backbone"], cifar_stem=True, **SMALL["backbone_kwargs"])
     torch.manual_seed(7)
-    online = [build_backbone(**arch), BYOLMLP(128, 32, 8), BYOLMLP(8, 32, 8)]
-    target = [build_backbone(**arch), BYOLMLP(128, 32, 8)]
+    online = [build_backbone(**arch), byol_mlp(128, 32, 8), byol_mlp(8, 32, 8)]
+    target = [build_backbone(**arch), byol_mlp(128, 32, 8)]
     torch.manual_seed(7)
     model = BYOL(**SMALL, sync_batchnorm=False)
     assert same_weights(model.backbone, online[0]) and same_weights(model.projector, online[1])
@@ -118,7 +121,7 @@ def test_views_are_asymmetric_as_in_byol() -> None:
     """BYOL's views are the official asymmetric pair: blur 1.0 / 0.1, solarize 0 / 0.2, colour
     jitter (0.4, 0.4, 0.2, 0.1) with BYOL's ops and p=0.8, grayscale 0.2."""
     model = BYOL(**SMALL, sync_batchnorm=False)
-    views = model.view_transform(32, [0.5] * 3, [0.25] * 3)
+    views = model.views.pil(32, (0.5,) * 3, (0.25,) * 3)
     probs = []
     for view in views.transforms:
         ops = view.transform.transforms
@@ -129,17 +132,18 @@ def test_views_are_asymmetric_as_in_byol() -> None:
         gray = next(o for o in ops if type(o).__name__ == "RandomGrayscale")
         probs.append((blur.prob, solar.prob, cj.prob, gray.p))
     assert probs == [(1.0, 0.0, 0.8, 0.2), (0.1, 0.2, 0.8, 0.2)]
-    for view in model.device_view_transform(32, [0.5] * 3, [0.25] * 3).recipes:
+    for view in model.views.device(32, (0.5,) * 3, (0.25,) * 3).recipes:
         assert view.jitter == pytest.approx((0.4, 0.4, 0.2, 0.1))
 
 
-def test_color_jitter_argument_reaches_both_view_pipelines() -> None:
-    model = BYOL(**SMALL, sync_batchnorm=False, color_jitter=(0.3, 0.2, 0.1, 0.05))
-    for view in model.view_transform(32, [0.5] * 3, [0.25] * 3).transforms:
+def test_color_jitter_setting_reaches_both_view_pipelines() -> None:
+    views = BYOL_VIEWS.replace(color_jitter=(0.3, 0.2, 0.1, 0.05))
+    model = BYOL(**SMALL, sync_batchnorm=False, views=views)
+    for view in model.views.pil(32, (0.5,) * 3, (0.25,) * 3).transforms:
         ops = view.transform.transforms
         cj = next(o for o in ops if type(o).__name__ == "TensorColorJitter")
         assert cj.jitter == pytest.approx((0.3, 0.2, 0.1, 0.05))
-    for view in model.device_view_transform(32, [0.5] * 3, [0.25] * 3).recipes:
+    for view in model.views.device(32, (0.5,) * 3, (0.25,) * 3).recipes:
         assert view.jitter == pytest.approx((0.3, 0.2, 0.1, 0.05))
 
 
@@ -151,7 +155,8 @@ def test_cifar10_config_takes_the_steps_of_lightlys_benchmark() -> None:
     from lightly.loss import NegativeCosineSimilarity
 
     config = yaml.safe_load((REPO / "configs" / "cifar10" / "byol.yaml").read_text())
-    args, batch = config["model"]["init_args"], config["data"]["init_args"]["batch_size"]
+    args = config["model"]["init_args"]["optim"]
+    batch = config["data"]["init_args"]["batch_size"]
     assert args["optimizer"] == "sgd" and args["exclude_bias_and_norm"] is False
     torch.manual_seed(0)
     ours = BYOL(**SMALL, sync_batchnorm=False)

@@ -28,11 +28,17 @@ from lightly.transforms import (
 
 from sslzoo.augment import DeviceViews, ViewRecipe, byol_views, ops, simclr_views
 from sslzoo.augment.params import crop_boxes, jitter_params, jitter_ranges
+from sslzoo.augment.recipes import TwoViews
 from sslzoo.datamodules import CIFAR10DataModule
 from sslzoo.datamodules.device_batches import DeviceBatches, UInt8Images
 from sslzoo.methods.byol import BYOL
+from sslzoo.methods.byol import VIEWS as BYOL_VIEWS
+from sslzoo.methods.mocov3 import VIEWS as MOCOV3_VIEWS
 from sslzoo.methods.mocov3 import MoCoV3
+from sslzoo.methods.simclr import OPTIM as SIMCLR_OPTIM
+from sslzoo.methods.simclr import VIEWS as SIMCLR_VIEWS
 from sslzoo.methods.simclr import SimCLR
+from sslzoo.methods.simsiam import VIEWS as SIMSIAM_VIEWS
 from sslzoo.methods.simsiam import SimSiam
 from tests.augment_helpers import (
     ATOL,
@@ -242,21 +248,26 @@ def test_application_probabilities_match_the_recipe() -> None:
 
 
 @pytest.mark.parametrize(
-    "method, settings",
+    "method, views, settings",
     [
-        (SimCLR, dict(crop_min_scale=0.3, color_jitter_strength=0.5, color_jitter_prob=0.7,
-                      grayscale_prob=0.1, blur_prob=0.3, blur_sigma=(0.2, 1.5), hflip_prob=0.4)),
-        (BYOL, dict(crop_min_scale=0.2, color_jitter_prob=0.6, blur_prob=(0.9, 0.2),
-                    solarize_prob=(0.1, 0.3), hflip_prob=0.3, projector_hidden_dim=8,
-                    predictor_hidden_dim=8)),
-        (MoCoV3, dict(color_jitter=(0.3, 0.2, 0.1, 0.05), grayscale_prob=0.3, moco_mlp_dim=8)),
-        (SimSiam, dict(color_jitter=(0.5, 0.3, 0.2, 0.0), blur_prob=0.2, pred_dim=8, dim=8)),
+        (SimCLR, SIMCLR_VIEWS.replace(
+            crop_min_scale=0.3, color_jitter_strength=0.5, color_jitter_prob=0.7,
+            grayscale_prob=0.1, blur_prob=(0.3, 0.3), blur_sigma=(0.2, 1.5), hflip_prob=0.4),
+         dict()),
+        (BYOL, BYOL_VIEWS.replace(
+            crop_min_scale=0.2, color_jitter_prob=0.6, blur_prob=(0.9, 0.2),
+            solarize_prob=(0.1, 0.3), hflip_prob=0.3),
+         dict(projector_hidden_dim=8, predictor_hidden_dim=8)),
+        (MoCoV3, MOCOV3_VIEWS.replace(color_jitter=(0.3, 0.2, 0.1, 0.05), grayscale_prob=0.3),
+         dict(moco_mlp_dim=8)),
+        (SimSiam, SIMSIAM_VIEWS.replace(color_jitter=(0.5, 0.3, 0.2, 0.0), blur_prob=(0.2, 0.2)),
+         dict(pred_dim=8, dim=8)),
     ],
 )  # fmt: skip
-def test_device_recipe_mirrors_the_methods_lightly_recipe(method, settings) -> None:  # noqa: ANN001
-    model = method(**TINY_RESNET, **settings)
-    pil = model.view_transform(24, MEAN, STD)
-    device = model.device_view_transform(24, MEAN, STD)
+def test_device_recipe_mirrors_the_methods_lightly_recipe(method, views, settings) -> None:  # noqa: ANN001
+    model = method(**TINY_RESNET, **settings, views=views)
+    pil = model.views.pil(24, MEAN, STD)
+    device = model.views.device(24, MEAN, STD)
     assert len(pil.transforms) == len(device.recipes) == 2
     for view, recipe in zip(pil.transforms, device.recipes, strict=True):
         assert_same_recipe(recipe, view)
@@ -291,6 +302,8 @@ def test_device_views_have_the_statistics_of_lightly_views(cifar_sample: np.ndar
 def test_datamodule_with_device_augment_yields_uint8_batches(tmp_path: Path) -> None:
     dm = CIFAR10DataModule(str(cifar_folder(tmp_path)), batch_size=4, num_workers=2,
                            device_augment=True)  # fmt: skip
+    # setting up for training needs a recipe; the batches are whole images whichever it is
+    dm.views = TwoViews()
     dm.setup("fit")
     images, labels = dm.arrays("train")
     loader = dm.train_dataloader()
@@ -344,7 +357,11 @@ def fit_simclr(root: Path, torch_seed: int) -> tuple[list, SimCLR, CIFAR10DataMo
     torch.manual_seed(torch_seed)
     dm = CIFAR10DataModule(str(root), batch_size=8, image_size=16, num_workers=0,
                            device_augment=True)  # fmt: skip
-    model = SimCLR(**TINY_RESNET, blur_prob=0.5, optimizer="sgd", proj_out_dim=16)
+    model = SimCLR(
+        **TINY_RESNET, views=SIMCLR_VIEWS.replace(blur_prob=(0.5, 0.5)),
+        optim=SIMCLR_OPTIM.replace(optimizer="sgd"), proj_out_dim=16,
+    )  # fmt: skip
+    dm.views = model.views
     keep = KeepBatches()
     trainer = quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[keep])
     trainer.fit(model, datamodule=dm)
@@ -370,7 +387,7 @@ def test_simclr_trains_on_device_views(tmp_path: Path, monkeypatch: pytest.Monke
         assert torch.equal(a1, b1) and torch.equal(a2, b2)
     # evaluation batches (float images) pass through the hook unchanged
     batch = (torch.rand(2, 3, 16, 16), torch.zeros(2, dtype=torch.long))
-    assert model.on_after_batch_transfer(batch, 0) is batch
+    assert dm.on_after_batch_transfer(batch, 0) is batch
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -378,7 +395,7 @@ def test_simclr_trains_on_device_views(tmp_path: Path, monkeypatch: pytest.Monke
 def test_device_views_never_sync_with_the_host(official: bool) -> None:
     if official:  # bicubic crops, BYOL's colour ops, zero-padded blur
         model = BYOL(**TINY_RESNET, projector_hidden_dim=8, predictor_hidden_dim=8)
-        views = model.device_view_transform(32, MEAN, STD).cuda()
+        views = model.views.device(32, MEAN, STD).cuda()
     else:
         views = byol_views(32, MEAN, STD).cuda()
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device="cuda")

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from sslzoo.callbacks.ema import EMATeacher
 from sslzoo.datamodules.digits import load_digits_images
-from sslzoo.methods.mocov3 import MoCoV3, contrastive_loss
+from sslzoo.losses.contrastive import InfoNCELoss
+from sslzoo.methods.mocov3 import OPTIM, MoCoV3
 from tests.conftest import TINY_RESNET
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ def reference_loss(q: torch.Tensor, k: torch.Tensor, t: float, offset: int = 0) 
 def test_contrastive_loss_matches_formula(t: float) -> None:
     torch.manual_seed(0)
     q, k = torch.randn(6, 5), torch.randn(6, 5)
-    assert float(contrastive_loss(q, k, t)) == pytest.approx(reference_loss(q, k, t), rel=1e-5)
+    assert float(InfoNCELoss(t)(q, k)) == pytest.approx(reference_loss(q, k, t), rel=1e-5)
 
 
 def _rank_loss(rank: int, world: int, init_file: str, out: str, q, k, t: float) -> None:
@@ -58,7 +59,7 @@ def _rank_loss(rank: int, world: int, init_file: str, out: str, q, k, t: float) 
     )
     n = q.shape[0] // world
     local_q = q[rank * n : (rank + 1) * n].clone().requires_grad_()
-    loss = contrastive_loss(local_q, k[rank * n : (rank + 1) * n], t)
+    loss = InfoNCELoss(t)(local_q, k[rank * n : (rank + 1) * n])
     loss.backward()
     torch.save({"loss": loss.detach(), "grad": local_q.grad}, f"{out}/{rank}.pt")
     torch.distributed.destroy_process_group()
@@ -192,7 +193,7 @@ def test_lightly_views_are_the_official_asymmetric_pair() -> None:
     """lightly's BYOL views give the official MoCo v3 recipe: crop (0.2, 1), colour jitter
     (0.4, 0.4, 0.2, 0.1) with p=0.8, grayscale 0.2, blur 1.0 / 0.1 with sigma (0.1, 2),
     solarize 0 / 0.2, flip 0.5."""
-    views = MoCoV3(**SMALL).view_transform(32, [0.5] * 3, [0.25] * 3)
+    views = MoCoV3(**SMALL).views.pil(32, (0.5,) * 3, (0.25,) * 3)
     assert len(views.transforms) == 2
     probs = []
     for view in views.transforms:
@@ -246,8 +247,9 @@ STEPS = 20
 
 def test_training_on_a_fixed_batch_lowers_the_loss_without_collapse() -> None:
     L.seed_everything(0)
-    model = MoCoV3(**SMALL, moco_t=0.2, moco_m=0.9, optimizer="sgd", lr=0.4, warmup_epochs=0)
-    views = model.view_transform(16, [0.5] * 3, [0.25] * 3)
+    sgd = OPTIM.replace(optimizer="sgd", lr=0.4, warmup_epochs=0)
+    model = MoCoV3(**SMALL, moco_t=0.2, moco_m=0.9, optim=sgd)
+    views = model.views.pil(16, (0.5,) * 3, (0.25,) * 3)
     data = DataLoader(FixedBatch(views, steps=STEPS), batch_size=32)
     recorder = Recorder()
     teacher_before = [p.clone() for p in model.momentum_projector.parameters()]
@@ -303,7 +305,7 @@ M0 = 0.9
 
 def moco_run(model: MoCoV3, callbacks: list[L.Callback], ckpt_path: str | None = None) -> None:
     """EPOCHS epochs of ITERS identical batches of fixed views, with SGD."""
-    views = model.view_transform(16, [0.5] * 3, [0.25] * 3)
+    views = model.views.pil(16, (0.5,) * 3, (0.25,) * 3)
     data = DataLoader(FixedBatch(views, steps=ITERS, n=16), batch_size=16)
     trainer = L.Trainer(
         max_epochs=EPOCHS, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -314,7 +316,8 @@ def moco_run(model: MoCoV3, callbacks: list[L.Callback], ckpt_path: str | None =
 
 def small_moco(cls: type[MoCoV3] = MoCoV3) -> MoCoV3:
     torch.manual_seed(0)
-    return cls(**SMALL, moco_t=0.2, moco_m=M0, optimizer="sgd", lr=0.4, warmup_epochs=0)
+    sgd = OPTIM.replace(optimizer="sgd", lr=0.4, warmup_epochs=0)
+    return cls(**SMALL, moco_t=0.2, moco_m=M0, optim=sgd)
 
 
 class SaveAt(L.Callback):

@@ -10,14 +10,15 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from lightly.loss import NTXentLoss
+from lightly.loss import NTXentLoss as LightlyNTXentLoss
 from lightly.transforms import SimCLRTransform
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import transforms as T
 
 from sslzoo.datamodules import DigitsDataModule
-from sslzoo.methods.simclr import SimCLR, SimCLRProjectionHead, nt_xent_loss
+from sslzoo.losses.contrastive import NTXentLoss
+from sslzoo.methods.simclr import OPTIM, VIEWS, SimCLR, projection_head
 from tests.conftest import TINY_RESNET
 from tests.helpers import quiet_trainer
 from tests.test_schedules import simclr_warmup_and_cosine_decay
@@ -46,7 +47,7 @@ def test_nt_xent_matches_official_formula() -> None:
     z1, z2 = torch.randn(6, 5), torch.randn(6, 5)
     for t in (0.1, 0.5):
         assert math.isclose(
-            float(nt_xent_loss(z1, z2, t)), reference_nt_xent(z1, z2, t), rel_tol=1e-5
+            float(NTXentLoss(t)(z1, z2)), reference_nt_xent(z1, z2, t), rel_tol=1e-5
         )
 
 
@@ -55,12 +56,12 @@ def test_nt_xent_is_twice_lightlys_mean() -> None:
     factor matters for SGD/LARS on unadapted parameters, so we keep the official scale."""
     torch.manual_seed(1)
     z1, z2 = torch.randn(8, 4), torch.randn(8, 4)
-    ours = nt_xent_loss(z1, z2, 0.5)
-    assert torch.allclose(ours, 2 * NTXentLoss(temperature=0.5)(z1, z2), atol=1e-5)
+    ours = NTXentLoss(0.5)(z1, z2)
+    assert torch.allclose(ours, 2 * LightlyNTXentLoss(temperature=0.5)(z1, z2), atol=1e-5)
 
 
 def test_projection_head_is_v2_layout() -> None:
-    head = SimCLRProjectionHead(32, 32, 8, num_layers=3)
+    head = projection_head(32, 32, 8, num_layers=3, init_std=0.01)
     linears = [m for m in head if isinstance(m, nn.Linear)]
     bns = [m for m in head if isinstance(m, nn.BatchNorm1d)]
     assert len(linears) == 3 and all(lin.bias is None for lin in linears)
@@ -75,7 +76,7 @@ def test_projection_head_starts_from_the_official_normal_init() -> None:
     PyTorch's default (kaiming uniform) has std 1 / sqrt(3 fan_in), 0.014 at fan_in 1600."""
     torch.manual_seed(0)
     for init_std, expected in ((0.01, 0.01), (None, 1 / math.sqrt(3 * 1600))):
-        head = SimCLRProjectionHead(1600, 1600, 1600, num_layers=3, init_std=init_std)
+        head = projection_head(1600, 1600, 1600, num_layers=3, init_std=init_std)
         for lin in (m for m in head if isinstance(m, nn.Linear)):
             assert float(lin.weight.std()) == pytest.approx(expected, rel=0.01)
             assert abs(float(lin.weight.mean())) < 1e-4
@@ -89,7 +90,7 @@ def test_view_recipe_matches_simclr() -> None:
     with TensorFlow's ops, grayscale 0.2, flip; lightly's SimCLRTransform with its crop, jitter
     and blur steps swapped for the official ones (tests/test_tf_recipe.py)."""
     model = SimCLR(**TINY_RESNET, proj_hidden_dim=16, sync_batchnorm=False)
-    views = model.view_transform(32, [0.5] * 3, [0.25] * 3)
+    views = model.views.pil(32, (0.5,) * 3, (0.25,) * 3)
     assert isinstance(views, SimCLRTransform)
     ops = views.transforms[0].transform.transforms
     crop = next(o for o in ops if type(o).__name__ == "SampledResizedCrop")
@@ -175,8 +176,10 @@ def test_short_run_follows_the_official_schedule() -> None:
     data = DigitsDataModule(batch_size=16, num_workers=0, image_size=16, val_fraction=0.95)
     model = SimCLR(
         **TINY_RESNET, proj_hidden_dim=16, proj_out_dim=8, sync_batchnorm=False,
-        blur_prob=0.0, optimizer="sgd", lr=0.4, warmup_epochs=2,
+        views=VIEWS.replace(blur_prob=(0.0, 0.0)),
+        optim=OPTIM.replace(optimizer="sgd", lr=0.4, warmup_epochs=2),
     )  # fmt: skip
+    data.views = model.views
     record = RecordLR()
     trainer = quiet_trainer(max_epochs=3, limit_val_batches=0, callbacks=[record])
     trainer.fit(model, datamodule=data)

@@ -1,5 +1,5 @@
-"""SimSiam: the loss against its formula, the official projector with its frozen fc bias,
-lightly's predictor and views, the fixed-lr predictor groups and schedule, the configs, and a
+"""SimSiam: the loss against its formula, the official projector with its frozen fc bias and
+predictor, lightly's views, the fixed-lr predictor groups and schedule, the configs, and a
 short training run that lowers the loss without collapsing."""
 
 from __future__ import annotations
@@ -17,11 +17,20 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from sslzoo.datamodules.digits import load_digits_images
-from sslzoo.methods.simsiam import SimSiam, negative_cosine_loss
+from sslzoo.losses.regression import NegativeCosineLoss
+from sslzoo.methods.simsiam import OPTIM, SimSiam
 from tests.conftest import TINY_RESNET
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(**TINY_RESNET, dim=16, pred_dim=8, sync_batchnorm=False)
+
+
+def negative_cosine_loss(
+    p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor
+) -> torch.Tensor:
+    """The symmetrised loss as SimSiam's ``training_step`` forms it from its criterion."""
+    criterion = NegativeCosineLoss()
+    return (criterion(p1, z2) + criterion(p2, z1)) / 2
 
 
 def test_loss_matches_formula() -> None:
@@ -86,9 +95,9 @@ def test_projector_is_the_official_one_with_a_frozen_fc_bias() -> None:
     assert id(fc.bias) not in optimised
 
 
-def test_lightly_predictor_is_the_official_bottleneck() -> None:
-    """lightly's SimSiamPredictionHead: Linear(dim, pred_dim, no bias) -> BN -> ReLU ->
-    Linear(pred_dim, dim) with a bias, exactly the official predictor."""
+def test_predictor_is_the_official_bottleneck() -> None:
+    """simsiam/builder.py's predictor: Linear(dim, pred_dim, no bias) -> BN -> ReLU ->
+    Linear(pred_dim, dim) with a bias."""
     model = SimSiam(**SMALL)
     assert layer_types(model.predictor) == [
         "Linear(16,8,bias=False)", "BN(8,affine=True)", "ReLU", "Linear(8,16,bias=True)",
@@ -96,10 +105,10 @@ def test_lightly_predictor_is_the_official_bottleneck() -> None:
 
 
 def test_lightly_views_are_the_moco_v2_recipe() -> None:
-    """lightly's SimSiamTransform with our arguments gives two views of the official recipe:
-    crop (0.2, 1), colour jitter (0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale 0.2, blur 0.5
-    with sigma (0.1, 2), flip 0.5."""
-    views = SimSiam(**SMALL).view_transform(32, [0.5] * 3, [0.25] * 3)
+    """The recipe's lightly views (SimCLRTransform, whose steps are SimSiamTransform's) are
+    two views of the official recipe: crop (0.2, 1), colour jitter (0.4, 0.4, 0.4, 0.1) with
+    p=0.8, grayscale 0.2, blur 0.5 with sigma (0.1, 2), flip 0.5."""
+    views = SimSiam(**SMALL).views.pil(32, (0.5,) * 3, (0.25,) * 3)
     assert len(views.transforms) == 2
     for view in views.transforms:
         ops = {type(o).__name__: o for o in view.transform.transforms}
@@ -119,7 +128,7 @@ def test_lightly_views_are_the_moco_v2_recipe() -> None:
 
 @pytest.mark.parametrize("exclude", [False, True])
 def test_predictor_has_its_own_fixed_lr_groups(exclude: bool) -> None:
-    model = SimSiam(**SMALL, exclude_bias_and_norm=exclude)
+    model = SimSiam(**SMALL, optim=OPTIM.replace(exclude_bias_and_norm=exclude))
     groups = model.parameter_groups()
     predictor = {id(p) for p in model.predictor.parameters()}
     for g in groups:
@@ -177,7 +186,7 @@ EPOCHS, ITERS = 4, 5  # 20 steps
 
 
 def fit_fixed_batch(model: SimSiam, epochs: int, iters: int) -> Recorder:
-    views = model.view_transform(16, [0.5] * 3, [0.25] * 3)
+    views = model.views.pil(16, (0.5,) * 3, (0.25,) * 3)
     data = DataLoader(FixedBatch(views, steps=iters), batch_size=32)
     recorder = Recorder()
     trainer = L.Trainer(
@@ -191,7 +200,7 @@ def fit_fixed_batch(model: SimSiam, epochs: int, iters: int) -> Recorder:
 @pytest.fixture(scope="module")
 def short_run() -> tuple[SimSiam, Recorder]:
     L.seed_everything(0)
-    model = SimSiam(**SMALL, lr=0.2, weight_decay=5e-4)
+    model = SimSiam(**SMALL, optim=OPTIM.replace(lr=0.2, weight_decay=5e-4))
     return model, fit_fixed_batch(model, EPOCHS, ITERS)
 
 
@@ -213,7 +222,8 @@ def test_lr_steps_once_per_epoch_and_the_predictor_keeps_the_initial_lr(short_ru
 
 def test_lr_update_step_follows_the_cosine_at_every_step() -> None:
     L.seed_everything(0)
-    recorder = fit_fixed_batch(SimSiam(**SMALL, lr=0.2, lr_update="step"), epochs=2, iters=2)
+    model = SimSiam(**SMALL, optim=OPTIM.replace(lr=0.2), lr_update="step")
+    recorder = fit_fixed_batch(model, epochs=2, iters=2)
     peak = 0.2 * 32 / 256
     for step, lrs in enumerate(recorder.lrs):
         assert lrs["decay"] == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * step / 4)))

@@ -155,10 +155,10 @@ def test_pil_step_is_the_device_jitter_of_the_image() -> None:
     ids=["SimCLR", "BYOL"],
 )  # fmt: skip
 def test_methods_jitter_with_their_official_ops(model, color_ops, strengths) -> None:  # noqa: ANN001
-    for view in model.view_transform(32, MEAN, STD).transforms:
+    for view in model.views.pil(32, MEAN, STD).transforms:
         (step,) = [s for s in view.transform.transforms if isinstance(s, TensorColorJitter)]
         assert step.color_ops == color_ops and step.prob == 0.8
         assert step.jitter == pytest.approx(strengths)
-    for recipe in model.device_view_transform(32, MEAN, STD).recipes:
+    for recipe in model.views.device(32, MEAN, STD).recipes:
         assert recipe.color_ops == color_ops
         assert recipe.jitter == pytest.approx(strengths)

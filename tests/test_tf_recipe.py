@@ -1,11 +1,12 @@
 """The official SimCLR and BYOL crop resizing and blur (sslzoo.augment.tf_recipe).
 
 lightly's SimCLR and BYOL views are right for lightly's benchmark protocol (which the CIFAR-10
-configs follow), and SimCLR with ``crop_interpolation="bilinear", blur_kernel_fraction=None``
-gives exactly lightly's views. They are not the official recipes: tf2/data_util.py and
-byol/utils/dataset.py resize crops bicubically, and both blur with a Gaussian of
-2 int(size / 20) + 1 taps as a zero-padded SAME convolution, where lightly uses PIL's
-``GaussianBlur(radius=sigma)``. So the methods default to the official steps.
+configs follow), and SimCLR's recipe with torchvision's crop sampler and colour ops, bilinear
+crops and no blur kernel (``blur_kernel_fraction=None``) gives exactly lightly's views. They are
+not the official recipes: tf2/data_util.py and byol/utils/dataset.py resize crops bicubically,
+and both blur with a Gaussian of 2 int(size / 20) + 1 taps as a zero-padded SAME convolution,
+where lightly uses PIL's ``GaussianBlur(radius=sigma)``. So the methods default to the
+official steps.
 """
 
 from __future__ import annotations
@@ -102,12 +103,12 @@ def crop_and_blur_steps(view) -> tuple:  # noqa: ANN001
     ids=["SimCLR", "BYOL"],
 )
 def test_official_views_resize_bicubically_and_blur_with_a_tenth_of_the_side(model) -> None:  # noqa: ANN001
-    for view in model.view_transform(224, MEAN, STD).transforms:
+    for view in model.views.pil(224, MEAN, STD).transforms:
         crop, blur = crop_and_blur_steps(view)
         assert mode(crop) == "bicubic"
         assert isinstance(blur, KernelGaussianBlur)
         assert (blur.kernel_size, blur.padding, blur.sigmas) == (23, "zeros", (0.1, 2.0))
-    for recipe in model.device_view_transform(224, MEAN, STD).recipes:
+    for recipe in model.views.device(224, MEAN, STD).recipes:
         assert recipe.interpolation == "bicubic" and recipe.blur_padding == "zeros"
         assert recipe.kernel_size(224, 224) == 23
 
@@ -116,11 +117,11 @@ def test_mocov3_keeps_torchvisions_bilinear_crop_and_pil_blur() -> None:
     """MoCo v3's official views are torchvision's RandomResizedCrop (bilinear) and PIL's blur,
     which lightly's views are."""
     model = MoCoV3(**TINY_RESNET, moco_mlp_dim=8, sync_batchnorm=False)
-    for view in model.view_transform(224, MEAN, STD).transforms:
+    for view in model.views.pil(224, MEAN, STD).transforms:
         crop, blur = crop_and_blur_steps(view)
         assert mode(crop) == "bilinear"
         assert type(blur).__name__ == "GaussianBlur"
-    for recipe in model.device_view_transform(224, MEAN, STD).recipes:
+    for recipe in model.views.device(224, MEAN, STD).recipes:
         assert (recipe.interpolation, recipe.blur_padding) == ("bilinear", "reflect")
 
 
@@ -143,12 +144,12 @@ def test_lightly_settings_give_exactly_lightlys_simclr_views() -> None:
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 40, 3), np.uint8))
     normalize = {"mean": list(MEAN), "std": list(STD)}
     lightly = SimCLRTransform(input_size=32, normalize=normalize)
-    ours = SimCLR(
-        **TINY_RESNET, **HEADS, sync_batchnorm=False,
+    model = SimCLR(**TINY_RESNET, **HEADS, sync_batchnorm=False)
+    ours = model.views.replace(
         crop_sampler="torchvision", crop_interpolation="bilinear", blur_kernel_fraction=None,
         color_ops="torchvision",
-    ).view_transform(32, MEAN, STD)  # fmt: skip
-    official = SimCLR(**TINY_RESNET, **HEADS, sync_batchnorm=False).view_transform(32, MEAN, STD)
+    ).pil(32, MEAN, STD)  # fmt: skip
+    official = model.views.pil(32, MEAN, STD)
     views = {}
     for name, transform in [("lightly", lightly), ("ours", ours), ("official", official)]:
         random.seed(0), np.random.seed(0), torch.manual_seed(0)
@@ -182,21 +183,16 @@ def test_official_device_views_blur_as_the_pil_views(method) -> None:  # noqa: A
     their views have the same statistics, the same darker border, and reflect padding on the
     device is told apart by the border."""
     heads = HEADS if method is SimCLR else BYOL_HEADS
-    settings = dict(
-        **TINY_RESNET, **heads, sync_batchnorm=False, color_jitter_prob=0.0, grayscale_prob=0.0,
-        blur_prob=1.0 if method is SimCLR else (1.0, 1.0),
-    )  # fmt: skip
-    if method is BYOL:
-        settings["solarize_prob"] = (0.0, 0.0)
-    model = method(**settings)
+    official = method(**TINY_RESNET, **heads, sync_batchnorm=False).views
+    views = official.replace(
+        color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=(1.0, 1.0), solarize_prob=(0.0, 0.0)
+    )
     images = read_cifar_sample()
-    pil = pil_views(model.view_transform(32, MEAN, STD), images)
-    device = device_views(model.device_view_transform(32, MEAN, STD), images)
+    pil = pil_views(views.pil(32, MEAN, STD), images)
+    device = device_views(views.device(32, MEAN, STD), images)
     stats = [view_statistics(v) for v in pil], [view_statistics(v) for v in device]
     assert similar(*stats)
-    reflect = device_views(
-        method(**settings, blur_padding="reflect").device_view_transform(32, MEAN, STD), images
-    )
+    reflect = device_views(views.replace(blur_padding="reflect").device(32, MEAN, STD), images)
     for a, b, c in zip(pil, device, reflect, strict=True):
         darker = border_darkening(a)
         assert float(darker.mean()) > 0.02  # the zero padding shows
@@ -210,17 +206,15 @@ def test_official_device_views_have_the_statistics_of_the_pil_views(method) -> N
     device views and the PIL views agree in distribution."""
     heads = HEADS if method is SimCLR else BYOL_HEADS
     settings = {"color_jitter_strength": 0.5} if method is SimCLR else {}
-    model = method(**TINY_RESNET, **heads, sync_batchnorm=False, **settings)
+    views = method(**TINY_RESNET, **heads, sync_batchnorm=False).views.replace(**settings)
     images = read_cifar_sample()
-    pil = pil_views(model.view_transform(32, MEAN, STD), images)
-    device = device_views(model.device_view_transform(32, MEAN, STD), images)
+    pil = pil_views(views.pil(32, MEAN, STD), images)
+    device = device_views(views.device(32, MEAN, STD), images)
     assert similar([view_statistics(v) for v in pil], [view_statistics(v) for v in device])
     if method is SimCLR:
         return
     # the check has power: BYOL's views with torchvision's jitter ops are told apart
     # (SimCLR's, whose brightness is torchvision's, are not by these statistics)
-    lightly_ops = method(
-        **TINY_RESNET, **heads, sync_batchnorm=False, **settings, color_ops="torchvision"
-    )
-    other = device_views(lightly_ops.device_view_transform(32, MEAN, STD), images)
+    lightly_ops = views.replace(color_ops="torchvision")
+    other = device_views(lightly_ops.device(32, MEAN, STD), images)
     assert not similar([view_statistics(v) for v in pil], [view_statistics(v) for v in other])
