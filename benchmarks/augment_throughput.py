@@ -14,8 +14,8 @@ Rows (source images per second; each image gives two views):
   ``ColorJitter`` draws one order of the four ops per call, not per image.
 * ``--official``: SimCLR's official views instead of the CIFAR config's lightly views in every
   row but kornia: bicubic crops, TensorFlow's colour ops at strength 1, blur with p 0.5 and a
-  kernel of a tenth of the side, zero padded (``SimCLR().view_transform`` and
-  ``device_view_transform``), e.g. at ``--size 96`` or ``224`` on synthetic images.
+  kernel of a tenth of the side, zero padded (``sslzoo.methods.simclr.VIEWS``' ``pil`` and
+  ``device``), e.g. at ``--size 96`` or ``224`` on synthetic images.
 * with ``--step``: a full SimCLR training step (ResNet-18 with the CIFAR stem, the CIFAR-10
   config's head, loss and SGD) fed by each pipeline.
 
@@ -43,7 +43,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from sslzoo.augment import simclr_views
-from sslzoo.methods.simclr import SimCLR, nt_xent_loss
+from sslzoo.losses.contrastive import NTXentLoss
+from sslzoo.methods.simclr import VIEWS as SIMCLR_VIEWS
+from sslzoo.methods.simclr import SimCLR
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 # configs/cifar10/simclr.yaml
@@ -52,8 +54,13 @@ SIMCLR_CIFAR = dict(
     num_proj_layers=2,
     proj_hidden_dim=512,
     proj_out_dim=128,
-    blur_prob=0.0,
-    color_jitter_strength=0.5,
+    views=SIMCLR_VIEWS.replace(
+        crop_sampler="torchvision",
+        crop_interpolation="bilinear",
+        color_ops="torchvision",
+        blur_prob=(0.0, 0.0),
+        color_jitter_strength=0.5,
+    ),
 )
 TINY = {"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128], "stem_width": 16}
 
@@ -102,15 +109,13 @@ def worker_loader(dataset: Dataset, batch: int, workers: int, device: torch.devi
     )
 
 
-def official_simclr() -> SimCLR:
-    """SimCLR with its official view settings (the views are all that is used)."""
-    return SimCLR(backbone="timm/resnet18", backbone_kwargs=TINY, sync_batchnorm=False)
+OFFICIAL = SIMCLR_VIEWS  # SimCLR's official views
 
 
 def pil_transform(size: int, official: bool) -> Callable:
     """SimCLR's official PIL views, or lightly's as the CIFAR config sets them."""
     if official:
-        return official_simclr().view_transform(size, MEAN, STD)
+        return OFFICIAL.pil(size, MEAN, STD)
     from lightly.transforms import SimCLRTransform
 
     return SimCLRTransform(
@@ -192,7 +197,7 @@ class SimCLRStep:
         x = torch.cat(views).contiguous(memory_format=self.memory_format)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             z1, z2 = self.forward(x).float().chunk(2)
-            loss = nt_xent_loss(z1, z2, 0.5)
+            loss = NTXentLoss(0.5)(z1, z2)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -273,7 +278,7 @@ def main() -> None:
             pil = lambda b, w=w, d=where: pil_batches(images, b, w, d, args.official)  # noqa: E731
             run("pil", where, str(w), pil)
         if args.official:
-            views = official_simclr().device_view_transform(args.size, MEAN, STD).to(where)
+            views = OFFICIAL.device(args.size, MEAN, STD).to(where)
         else:
             views = simclr_views(args.size, MEAN, STD, cj_strength=0.5, gaussian_blur=0.0)
             views = views.to(where)

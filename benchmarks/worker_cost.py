@@ -51,10 +51,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)  # as in a worker
     model = SimCLR(backbone="resnet18") if args.method == "simclr" else DINO(backbone="resnet18")
-    pil = model.view_transform(args.size, MEAN, STD)
-    from sslzoo.augment import CropViews
-
-    crops = CropViews(model.device_view_transform(args.size, MEAN, STD).recipes)
+    pil = model.views.pil(args.size, MEAN, STD)
+    crops = model.views.worker_crops(args.size, MEAN, STD)
     files = jpegs(args.images, 500, 375)
     print(f"{args.method}: {len(crops.recipes)} views per image, {args.size} px, 500x375 JPEGs, "
           "one thread\n")  # fmt: skip

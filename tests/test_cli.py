@@ -24,7 +24,7 @@ def test_model_help_lists_recipe_with_docs(capsys: pytest.CaptureFixture) -> Non
     for name, default in (
         ("ema_momentum", "0.996"),
         ("projector_hidden_dim", "4096"),
-        ("lr", "0.2"),
+        ("optim.lr", "0.2"),
     ):
         assert f"--model.{name}" in out and default in out
     assert "base EMA momentum" in out  # the docstring line

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -52,8 +53,9 @@ def test_config_instantiates(config: Path, labeled_folder: Path, tmp_path: Path)
     assert cli.trainer.max_epochs and cli.trainer.max_epochs > 0
     # CIFAR-10 trains on device views by default, so its methods must have them
     assert data.device_augment is (config.parent.name == "cifar10")
+    assert data.views is model.views  # the CLI hands the model's recipe to the data
     if data.device_augment:
-        assert model.device_view_transform(data.image_size, data.mean, data.std) is not None
+        assert data.device_views(torch.device("cpu")) is not None
 
 
 @pytest.mark.parametrize("preset", ["ddp", "fsdp"])
@@ -81,11 +83,12 @@ def test_cifar10_simclr_is_the_simclr_readme_cifar_command(labeled_folder: Path)
     model, data = cli.model, cli.datamodule
     assert model.hparams.temperature == 0.5 and data.batch_size == 512
     assert model.hparams.backbone == "resnet18" and model.hparams.cifar_stem
-    expected = {"input_size": 32, "cj_prob": 0.8, "cj_strength": 0.5, "min_scale": 0.08,
-                "random_gray_scale": 0.2, "gaussian_blur": 0.0, "hf_prob": 0.5}  # fmt: skip
-    recipe = model.view_recipe(data.image_size)
-    assert {key: recipe[key] for key in expected} == expected
-    (view,) = set(model.device_view_transform(32, data.mean, data.std).recipes)
+    expected = {"color_jitter_prob": 0.8, "color_jitter_strength": 0.5, "crop_min_scale": 0.08,
+                "grayscale_prob": 0.2, "blur_prob": (0.0, 0.0), "hflip_prob": 0.5,
+                "crop_sampler": "torchvision", "color_ops": "torchvision"}  # fmt: skip
+    assert {key: getattr(model.views, key) for key in expected} == expected
+    assert data.image_size == 32
+    (view,) = set(model.views.device(32, data.mean, data.std).recipes)
     assert view.jitter == pytest.approx((0.4, 0.4, 0.4, 0.1)) and view.blur_prob == 0.0
 
 

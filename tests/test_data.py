@@ -82,6 +82,7 @@ def test_training_survives_a_corrupt_image(tmp_path: Path) -> None:
         str(folder), str(folder), batch_size=4, num_workers=0, image_size=16, pin_memory=False
     )
     model = SimCLR(**TINY_RESNET, proj_hidden_dim=16, proj_out_dim=8, sync_batchnorm=False)
+    data.views = model.views
     trainer = quiet_trainer(max_epochs=1, default_root_dir=str(tmp_path / "run"))
     trainer.fit(model, datamodule=data)
     assert trainer.global_step == 3  # 12 files in batches of 4; one batch is 3 images short

@@ -50,7 +50,9 @@ def test_batch_larger_than_training_set_fails_before_training(
     )
     trainer = quiet_trainer(max_epochs=1, default_root_dir=str(tmp_path / "run"))
     with pytest.raises(DataError, match=r"has 20 images, fewer than one batch of 32") as info:
-        trainer.fit(tiny_simclr(), datamodule=data)
+        model = tiny_simclr()
+        data.views = model.views
+        trainer.fit(model, datamodule=data)
     assert "--data.batch_size 20 or less" in str(info.value)
     assert trainer.global_step == 0
 
@@ -58,6 +60,7 @@ def test_batch_larger_than_training_set_fails_before_training(
 def test_each_rank_needs_a_full_batch(tmp_path: Path) -> None:
     data = CIFAR10DataModule(str(cifar_folder(tmp_path)), batch_size=8, num_workers=0)
     data.trainer = SimpleNamespace(world_size=4, lightning_module=None, log_dir=str(tmp_path))
+    data.views = tiny_simclr().views
     with pytest.raises(DataError, match=r"batch of 8 per device .* x 4 devices = 32") as info:
         data.setup("fit")
     assert "has 20 images" in str(info.value) and "batch_size 5 or less" in str(info.value)
@@ -96,7 +99,9 @@ def test_unreadable_images_are_listed_once_over_epochs_and_workers(tmp_path: Pat
     trainer = quiet_trainer(
         max_epochs=2, limit_val_batches=0, default_root_dir=str(tmp_path / "run")
     )
-    trainer.fit(tiny_simclr(), datamodule=data)
+    model = tiny_simclr()
+    data.views = model.views
+    trainer.fit(model, datamodule=data)
     lines = (tmp_path / "run" / "skipped_images.txt").read_text().splitlines()
     assert sorted(line.split("\t")[0] for line in lines) == sorted(map(str, bad))
 
