@@ -5,6 +5,7 @@ text and its list of every type a value failed to match; and the config keys a c
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import importlib
 import inspect
@@ -36,22 +37,32 @@ def import_class(path: str) -> type | None:
 
 
 def init_arguments(cls: type) -> list[str]:
-    """The keyword arguments ``cls(...)`` accepts, following ``**kwargs`` up to the parents."""
+    """The keyword arguments ``cls(...)`` accepts, following ``**kwargs`` up to the parents;
+    an argument whose default is a dataclass (``optim``, ``views``) also as ``name.field``."""
     names: list[str] = []
     for klass in cls.__mro__:
         if "__init__" not in vars(klass):
             continue
         params = inspect.signature(klass.__init__).parameters.values()
         skip = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-        names += [p.name for p in params if p.name != "self" and p.kind not in skip]
+        for p in params:
+            if p.name == "self" or p.kind in skip:
+                continue
+            names.append(p.name)
+            if dataclasses.is_dataclass(p.default):
+                names += [f"{p.name}.{f.name}" for f in dataclasses.fields(p.default)]
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
             break
     return list(dict.fromkeys(names))
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """``"; did you mean 'x'?"`` for the closest choices (case-insensitive), else ``""``."""
+    """``"; did you mean 'x'?"`` for the closest choices (case-insensitive; a nested
+    ``group.name`` also matches its bare ``name``), else ``""``."""
     by_lower = {c.lower(): c for c in choices}
+    nested = [c for c in by_lower if c.rsplit(".", 1)[-1] == word.lower() and c != word.lower()]
+    if nested:
+        return "; did you mean " + " or ".join(repr(by_lower[c]) for c in nested) + "?"
     close = difflib.get_close_matches(word.lower(), list(by_lower), n=3, cutoff=0.6)
     if not close:
         return ""
@@ -102,7 +113,9 @@ def summarize(message: str, names: dict[str, list[str]]) -> str:
     if problem:
         path, body = problem["path"], _class_body(problem["body"])
         name = path.rsplit(".", 1)[-1]
-        option = re.match(r"Option '(?P<option>[^']+)' is not accepted", body)
+        option = re.match(r"Option '(?P<option>[^']+)' is not accepted", body) or re.match(
+            r"unrecognized arguments: --(?P<option>[\w.]+)", body
+        )
         cls = import_class(path)
         if option and cls is not None:
             wrong = option["option"]

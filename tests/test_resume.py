@@ -37,7 +37,7 @@ def build(root: Path) -> SSLZooCLI:
             "--trainer.check_val_every_n_epoch", "1",
             "--trainer.enable_progress_bar", "false",
             "--data.batch_size", "32",
-            "--model.warmup_epochs", "1",
+            "--model.optim.warmup_epochs", "1",
         ],
         run=False,
     )  # fmt: skip

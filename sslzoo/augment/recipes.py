@@ -48,12 +48,17 @@ Transform = Callable[[Image.Image], Any]
 Stats = tuple[float, ...]
 
 
+@dataclass(frozen=True)
 class Views:
-    """Base of the recipes (each a frozen dataclass): what a datamodule needs from one."""
+    """Base of the recipes, each a frozen dataclass of plain values (so a config sets any
+    field, ``--model.views.<field>``, over the method's defaults): what a datamodule needs."""
 
     def pil(self, image_size: int, mean: Stats, std: Stats) -> Transform:
         """One PIL image -> its augmented views (normalised tensors)."""
-        raise NotImplementedError
+        raise ConfigError(
+            f"{type(self).__name__} makes no views: a method declares its recipe as the "
+            "default of its views argument (see sslzoo.augment.recipes)"
+        )
 
     def device(self, image_size: int, mean: Stats, std: Stats) -> nn.Module:
         """A uint8 batch (N, 3, H, W), or per-view batches already cropped, -> the views, each

@@ -78,7 +78,7 @@ class SSLMethod(L.LightningModule):
         cifar_stem: bool = False,
         zero_init_residual: bool | None = None,
         sync_batchnorm: bool = False,
-        views: Views | None = None,
+        views: Views = Views(),
         optim: Optimization = Optimization(),
     ) -> None:
         super().__init__()
@@ -88,8 +88,7 @@ class SSLMethod(L.LightningModule):
         self.optim: Optimization = as_settings(optim, declared_default(cls, "optim"))
         # checkpoints hold plain values (weights_only loading): the settings as mappings
         for name in ("views", "optim"):
-            value = getattr(self, name)
-            self.hparams[name] = dataclasses.asdict(value) if value is not None else None
+            self.hparams[name] = dataclasses.asdict(getattr(self, name))
         self.sync_batchnorm = sync_batchnorm
         self._backbone_arguments = (backbone, backbone_kwargs, cifar_stem, zero_init_residual)
         self.backbone: Backbone = self.new_backbone()
