@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -49,6 +49,16 @@ def _class_name(value: Any) -> str | None:
     return path.rsplit(".", 1)[-1] if path else None
 
 
+class StepCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` every n optimizer steps, and nothing more at the end of training: the
+    epoch-end checkpoint holds the final state (Lightning's ``save_last`` would write it once
+    more at the end of a process that had not reached n steps, a resumed one, with the epoch
+    counted as finished, unlike the uninterrupted run's)."""
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        return None
+
+
 def default_checkpoints(directory: Path, every_n_steps: int | None) -> list[ModelCheckpoint]:
     """``last.ckpt``, written once at each training epoch's end whatever the validation
     schedule (Lightning otherwise saves only after validation epochs); with ``every_n_steps``,
@@ -64,7 +74,7 @@ def default_checkpoints(directory: Path, every_n_steps: int | None) -> list[Mode
         return [epoch_end]
     return [
         epoch_end,
-        ModelCheckpoint(
+        StepCheckpoint(
             dirpath=directory,
             save_top_k=0,
             save_last=True,
@@ -226,8 +236,13 @@ DESCRIPTION = (
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``sslzoo`` command. Errors in what the user gave
     (:class:`~sslzoo.errors.UserError`) print their message, not a traceback (set
-    ``SSLZOO_DEBUG=1`` for it), and exit with status 1."""
+    ``SSLZOO_DEBUG=1`` for it), and exit with status 1.
+
+    Modules in the working directory can be named (``--model my_idea.MyMethod``), as under
+    ``python -m sslzoo``; they come after the installed packages, so they shadow none."""
     argv = sys.argv[1:] if args is None else args
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         if argv and argv[0] in EXTRA_COMMANDS:
             import importlib

@@ -14,6 +14,7 @@ import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import lightning as L
 import torch
@@ -23,12 +24,18 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from sslzoo.callbacks import KNNMonitor, OnlineProbe
 from sslzoo.distributed import consecutive_groups
-from sslzoo.methods import dino, mocov3, simclr, swav
+from sslzoo.methods import barlowtwins, byol, dino, ibot, mae, mocov3, simclr, simsiam, swav, vicreg
+from sslzoo.methods.barlowtwins import BarlowTwins
 from sslzoo.methods.base import SSLMethod
+from sslzoo.methods.byol import BYOL
 from sslzoo.methods.dino import DINO
+from sslzoo.methods.ibot import IBOT
+from sslzoo.methods.mae import MAE
 from sslzoo.methods.mocov3 import MoCoV3
 from sslzoo.methods.simclr import SimCLR
+from sslzoo.methods.simsiam import SimSiam
 from sslzoo.methods.swav import SwAV
+from sslzoo.methods.vicreg import VICReg
 from sslzoo.nn.sync_batchnorm import SyncBatchNorm
 from tests.conftest import TINY_RESNET
 from tests.helpers import quiet_trainer
@@ -39,7 +46,10 @@ STEPS = 3
 NUM_CLASSES = 3
 BANK_SIZE = 20
 VAL_SIZE = 13  # odd: DistributedSampler pads rank 1's validation shard with a repeat
-METHODS = ("simclr", "mocov3", "swav", "dino")
+METHODS = (
+    "simclr", "mocov3", "byol", "simsiam", "swav", "dino", "ibot", "mae", "barlowtwins", "vicreg",
+)  # fmt: skip
+TWO_VIEWS = ("simclr", "mocov3", "byol", "simsiam", "barlowtwins", "vicreg")
 IMAGE, SMALL = 16, 8
 
 TINY_VIT = {
@@ -49,14 +59,19 @@ TINY_VIT = {
 }  # fmt: skip
 
 
-def build_method(name: str) -> SSLMethod:
+def build_method(name: str, devices: int = WORLD) -> SSLMethod:
     """A tiny method with the recipe's losses and collectives, seeded so every process starts
     from the same weights, with nothing random in its step (no drop-path).
 
     The optimiser is SGD for all four, with no warmup: it is a per-parameter function of the
     averaged gradient like LARS and AdamW, but AdamW's first step is lr x sign(g), which
     blows float32 noise on gradients that are zero in exact arithmetic (the attention's key
-    bias) up to +-lr and would hide real differences."""
+    bias) up to +-lr and would hide real differences.
+
+    Barlow Twins' official loss lets each rank's gradient through its own share of the
+    all-reduced cross-correlation only, so DDP's average is ``1 / WORLD`` of the single
+    process's gradient: its single-process reference (``devices=1``) takes SGD steps of
+    lr / WORLD with weight decay x WORLD, the same update as lr with gradient / WORLD."""
     torch.manual_seed(0)
     # the method's own settings but these (weight decay and its exclusions kept)
     common = {"optimizer": "sgd", "lr": 0.1, "lr_scaling": "none", "warmup_epochs": 0.0}
@@ -79,26 +94,78 @@ def build_method(name: str) -> SSLMethod:
                     views=dino.VIEWS.replace(local_crops_number=2, local_crop_size=SMALL),
                     freeze_last_layer=0, momentum_teacher=0.9, sync_batchnorm=True,
                     optim=dino.OPTIM.replace(**common))  # fmt: skip
+    if name == "byol":
+        return BYOL(**TINY_RESNET, optim=byol.OPTIM.replace(**common), projector_hidden_dim=16,
+                    projector_out_dim=8, predictor_hidden_dim=16, ema_momentum=0.9,
+                    sync_batchnorm=True)  # fmt: skip
+    if name == "simsiam":
+        return SimSiam(**TINY_RESNET, optim=simsiam.OPTIM.replace(**common), dim=16, pred_dim=8,
+                       sync_batchnorm=True)  # fmt: skip
+    if name == "ibot":
+        return IBOT(**TINY_VIT, out_dim=16, patch_out_dim=16, hidden_dim=16, bottleneck_dim=8,
+                    drop_path_rate=0.0,
+                    views=ibot.VIEWS.replace(local_crops_number=2, local_crop_size=SMALL),
+                    freeze_last_layer=0, momentum_teacher=0.9,
+                    optim=ibot.OPTIM.replace(**common))  # fmt: skip
+    if name == "mae":
+        return ImageMaskedMAE(**TINY_VIT, decoder_embed_dim=16, decoder_depth=1,
+                              decoder_num_heads=2, optim=mae.OPTIM.replace(**common))  # fmt: skip
+    if name == "barlowtwins":
+        scale = WORLD if devices == 1 else 1
+        optim = barlowtwins.OPTIM.replace(**common)
+        optim = optim.replace(lr=optim.lr / scale, weight_decay=optim.weight_decay * scale)
+        return BarlowTwins(**TINY_RESNET, optim=optim, projector_dims=(16, 8),
+                           bias_lr=optim.lr, sync_batchnorm=True)  # fmt: skip
+    if name == "vicreg":
+        # its loss (about 25) is far larger than the others: a smaller step keeps it stable
+        return VICReg(**TINY_RESNET, optim=vicreg.OPTIM.replace(**{**common, "lr": 0.01}),
+                      expander_dims=(16, 8), sync_batchnorm=True)  # fmt: skip
     raise ValueError(name)
 
 
+class ImageMaskedMAE(MAE):
+    """MAE whose masking noise is each image's own first embedded channel instead of a draw:
+    a draw is per rank, so 2 ranks and 1 process would mask the same image differently."""
+
+    def random_masking(
+        self, x: torch.Tensor, mask_ratio: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with mock.patch.object(torch, "rand", lambda *_, **__: x[..., 0].detach()):
+            return super().random_masking(x, mask_ratio)
+
+
 def view_sizes(name: str) -> list[int]:
-    """Side of every view: 2 views for SimCLR and MoCo v3, 2 global + 2 small for the
-    multi-crop methods."""
-    return [IMAGE, IMAGE] if name in ("simclr", "mocov3") else [IMAGE, IMAGE, SMALL, SMALL]
+    """Side of every view: 2 views for the two-view methods, MAE's one, 2 global + 2 small for
+    the multi-crop methods."""
+    if name == "mae":
+        return [IMAGE]
+    return [IMAGE, IMAGE] if name in TWO_VIEWS else [IMAGE, IMAGE, SMALL, SMALL]
 
 
 class Views(Dataset):
-    """Fixed views: item i is ([view_0[i], view_1[i], ...], label[i])."""
+    """Fixed views: item i is ([view_0[i], view_1[i], ...], label[i]); with ``masks``, iBOT's
+    ({"views": [...], "masks": [mask_0, mask_1]}, label[i]), item i's masks drawn from seed i."""
 
-    def __init__(self, views: list[torch.Tensor], labels: torch.Tensor) -> None:
-        self.views, self.labels = views, labels
+    def __init__(self, views: list[torch.Tensor], labels: torch.Tensor, masks: bool) -> None:
+        self.views, self.labels, self.masks = views, labels, masks
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-        return [v[i] for v in self.views], self.labels[i]
+    def __getitem__(self, i: int) -> tuple[Any, torch.Tensor]:
+        views = [v[i] for v in self.views]
+        if not self.masks:
+            return views, self.labels[i]
+        g = torch.Generator().manual_seed(i)
+        grid = IMAGE // TINY_VIT["backbone_kwargs"]["patch_size"]
+        masks = [torch.rand(grid, grid, generator=g) < 0.4 for _ in range(2)]
+        return {"views": views, "masks": masks}, self.labels[i]
+
+
+def first_views(batch: Any) -> torch.Tensor:
+    """The first view of every image of a training batch."""
+    crops = batch[0]
+    return (crops["views"] if isinstance(crops, dict) else crops)[0]
 
 
 class Images(Dataset):
@@ -127,7 +194,8 @@ class ViewsDataModule(L.LightningDataModule):
         g = torch.Generator().manual_seed(1)
         n = GLOBAL_BATCH * STEPS
         views = [torch.randn(n, 3, s, s, generator=g) for s in view_sizes(name)]
-        self.train_set = Views(views, torch.randint(0, NUM_CLASSES, (n,), generator=g))
+        labels = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+        self.train_set = Views(views, labels, masks=name == "ibot")
         self.bank_set = Images(
             torch.randn(BANK_SIZE, 3, IMAGE, IMAGE, generator=g),
             torch.randint(0, NUM_CLASSES, (BANK_SIZE,), generator=g),
@@ -164,7 +232,7 @@ class Recorder(L.Callback):
     ) -> None:
         self.record["losses"].append(float(outputs["loss"]))
         # a fingerprint of each image of the batch, to check which images each rank read
-        self.record["batches"].append(batch[0][0].flatten(1).sum(1))
+        self.record["batches"].append(first_views(batch).flatten(1).sum(1))
         if batch_idx == 0:
             self.record["first_state"] = _state(pl_module)
 
@@ -201,7 +269,7 @@ def fit(name: str, devices: int) -> dict[str, Any]:
     """Train ``name`` for :data:`STEPS` steps of :data:`GLOBAL_BATCH` images on ``devices``
     CPU processes (``ddp`` when 2) with the kNN monitor and the online probe; returns this
     rank's record."""
-    model = build_method(name)
+    model = build_method(name, devices)
     recorder = Recorder()
     trainer = quiet_trainer(
         devices=devices,

@@ -97,7 +97,7 @@ def test_cifar10_simclr_is_the_simclr_readme_cifar_command(labeled_folder: Path)
 # PRETRAIN.md). ``devices: auto`` is counted as the 8 GPUs of one machine.
 OFFICIAL_IMAGENET_BATCH = {
     "simclr": 4096, "byol": 4096, "mocov3": 4096, "mocov3_vit": 4096, "simsiam": 512,
-    "swav": 256, "dino": 1024, "ibot": 1024, "mae": 4096,
+    "swav": 256, "dino": 1024, "ibot": 1024, "mae": 4096, "barlowtwins": 2048, "vicreg": 2048,
 }  # fmt: skip
 
 
@@ -112,7 +112,10 @@ def test_imagenet_configs_train_with_the_official_global_batch(name: str) -> Non
     assert batch * trainer.get("accumulate_grad_batches", 1) == OFFICIAL_IMAGENET_BATCH[name]
 
 
-@pytest.mark.parametrize("name", ["simclr", "byol", "simsiam", "swav", "dino_resnet"])
+LIGHTLY_PROTOCOL = ["simclr", "byol", "simsiam", "swav", "dino_resnet", "barlowtwins"]
+
+
+@pytest.mark.parametrize("name", LIGHTLY_PROTOCOL)
 def test_lightly_protocol_configs_decay_every_parameter(name: str, labeled_folder: Path) -> None:
     """lightly's CIFAR-10 benchmark builds ``SGD(params, weight_decay=5e-4)`` over every
     parameter, biases and norms too; the configs that follow it do the same."""

@@ -7,8 +7,10 @@ centre equal a single-process unsharded run, the sharded EMA update is the formu
 checkpointing changes nothing, bf16 compute keeps masters, centre, optimizer state and
 BatchNorm in fp32, and a sharded checkpoint saves, loads, resumes to the uninterrupted run and
 consolidates into one file. SwAV (tiny ResNet: LARS, prototype normalisation, queue,
-BatchNorm), iBOT (a parameter outside any submodule, ViT internals) and MAE (a nested forward):
-half of the parameters per rank, and equal to a 2-process DDP run, evaluation features too.
+BatchNorm), iBOT (a parameter outside any submodule, ViT internals), MAE (a nested forward) and
+the two-view methods (SimCLR, MoCo v3, BYOL, SimSiam, Barlow Twins, VICReg: EMA teachers, LARS,
+frozen biases): half of the parameters per rank, and equal to a 2-process DDP run, evaluation
+features too.
 
 One 2-process job (this file run as a script) writes its results to a folder; the
 single-process reference runs in the test process on the same data.
@@ -32,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script by the launcher below
     sys.path.insert(0, str(REPO))
 
+import sslzoo.methods as methods  # noqa: E402
 from sslzoo.callbacks.ema import ema_update  # noqa: E402
 from sslzoo.methods import dino, ibot, mae, swav  # noqa: E402
 from sslzoo.methods.dino import DINO  # noqa: E402
@@ -146,9 +149,41 @@ class OneView(FixedViews):
         return views[:1], label
 
 
+class TwoViews(FixedViews):
+    """The two-view methods' batch: the two 16 px views."""
+
+    def __getitem__(self, i: int) -> tuple[list[torch.Tensor], int]:
+        views, label = super().__getitem__(i)
+        return views[:2], label
+
+
+# the two-view methods, tiny, each with its own optimisation recipe (LARS for most) warming up
+TWO_VIEW_METHODS: dict[str, dict[str, Any]] = {
+    "SimCLR": dict(proj_hidden_dim=16, proj_out_dim=8),
+    "MoCoV3": dict(moco_dim=8, moco_mlp_dim=16),
+    "BYOL": dict(projector_hidden_dim=16, projector_out_dim=8, predictor_hidden_dim=16),
+    "SimSiam": dict(dim=16, pred_dim=8),
+    "BarlowTwins": dict(projector_dims=(16, 8)),
+    "VICReg": dict(expander_dims=(16, 8)),
+}
+
+
+def tiny_two_view(name: str) -> Any:
+    def build() -> Any:
+        torch.manual_seed(0)
+        cls = getattr(methods, name)
+        module = sys.modules[cls.__module__]
+        optim = module.OPTIM.replace(warmup_epochs=1)
+        kwargs = TWO_VIEW_METHODS[name]
+        return cls(**TINY_RESNET, **kwargs, sync_batchnorm=False, optim=optim)
+
+    return build
+
+
 # method name -> (builder, dataset) of the runs compared with DDP
 AGAINST_DDP = {"swav": (tiny_swav, FixedViews), "ibot": (tiny_ibot, MaskedViews)}
 AGAINST_DDP["mae"] = (tiny_mae, OneView)
+AGAINST_DDP.update({name.lower(): (tiny_two_view(name), TwoViews) for name in TWO_VIEW_METHODS})
 
 
 class RecordLoss(L.Callback):
@@ -509,10 +544,10 @@ def test_sharded_checkpoint_consolidates_for_evaluation(
 # runs differ by their round-off (measured <= 1.5e-5): the bias of the Linear before SwAV's head
 # BatchNorm (BatchNorm subtracts the batch mean) and the running mean it feeds, and the key
 # biases of iBOT's attention (softmax ignores a shift shared by all keys).
+# The two-view methods need no such allowance.
 NOISE = {
     "swav": ("projection_head.0.bias", "projection_head.1.running_mean"),
     "ibot": (".attn.qkv.bias",),
-    "mae": (),
 }
 
 
@@ -524,7 +559,7 @@ def test_sharded_methods_match_ddp(sharded: dict[str, Any], method: str) -> None
     moved = [k for k, v in ddp["state"].items() if not torch.equal(v, initial[k])]
     assert len(moved) > len(initial) // 2  # the comparison is not between untrained weights
     for k, v in ddp["state"].items():
-        noisy = any(k.endswith(n) for n in NOISE[method])
+        noisy = any(k.endswith(n) for n in NOISE.get(method, ()))
         close(fsdp["state"][k], v, k, atol=1e-4 if noisy else ATOL)
     # evaluation features come from the gathered eval backbone, after which every parameter
     # is this rank's shard again

@@ -53,6 +53,8 @@ TINY: dict[str, dict[str, Any]] = {
         **TINY_VIT, **HEAD, patch_out_dim=32, views=IBOT_VIEWS.replace(local_crops_number=2)
     ),
     "MAE": dict(**TINY_VIT, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2),
+    "BarlowTwins": dict(**TINY_RESNET, projector_dims=(16, 8)),
+    "VICReg": dict(**TINY_RESNET, expander_dims=(16, 8)),
 }
 
 

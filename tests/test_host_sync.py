@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sslzoo.callbacks import BatchSeed, EMATeacher, OnlineProbe, Throughput
 from sslzoo.methods import base
+from sslzoo.methods.barlowtwins import BarlowTwins
 from sslzoo.methods.base import SSLMethod
 from sslzoo.methods.byol import BYOL
 from sslzoo.methods.dino import DINO
@@ -41,6 +42,7 @@ from sslzoo.methods.simclr import SimCLR
 from sslzoo.methods.simsiam import SimSiam
 from sslzoo.methods.swav import VIEWS as SWAV_VIEWS
 from sslzoo.methods.swav import SwAV
+from sslzoo.methods.vicreg import VICReg
 from tests.conftest import TINY_RESNET
 from tests.helpers import quiet_trainer
 
@@ -304,6 +306,14 @@ METHODS: dict[str, tuple[Callable[[], SSLMethod], Callable[[], Any]]] = {
     ),
     "simsiam": (
         lambda: SimSiam(**TINY_RESNET, dim=16, pred_dim=8, sync_batchnorm=False),
+        pair,
+    ),
+    "barlowtwins": (
+        lambda: BarlowTwins(**TINY_RESNET, projector_dims=(16, 8), sync_batchnorm=False),
+        pair,
+    ),
+    "vicreg": (
+        lambda: VICReg(**TINY_RESNET, expander_dims=(16, 8), sync_batchnorm=False),
         pair,
     ),
     # a queue of two batches: filled by steps 1 and 2, used from step 3

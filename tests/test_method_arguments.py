@@ -24,7 +24,9 @@ from sslzoo.methods.base import SSLMethod
 from sslzoo.optim.settings import Optimization
 from tests.conftest import TINY_RESNET
 
-METHODS = ["SimCLR", "MoCoV3", "BYOL", "SimSiam", "SwAV", "DINO", "IBOT", "MAE"]
+METHODS = [
+    "SimCLR", "MoCoV3", "BYOL", "SimSiam", "SwAV", "DINO", "IBOT", "MAE", "BarlowTwins", "VICReg",
+]  # fmt: skip
 TINY_VIT = dict(
     backbone="vit_tiny_patch16_224",
     backbone_kwargs=dict(img_size=16, patch_size=4, depth=1, embed_dim=32, num_heads=2),
@@ -34,7 +36,7 @@ TINY_VIT = dict(
 OTHER: dict[str, tuple[Any, ...]] = dict(
     optimizer=("adamw", "sgd"), lr=(0.321,), lr_scaling=("sqrt", "none"),
     weight_decay=(0.0123,), weight_decay_end=(0.2,), momentum=(0.77,), betas=((0.8, 0.9),),
-    warmup_epochs=(2.5,), start_warmup_lr=(1e-4,), min_lr=(2e-6,),
+    warmup_epochs=(2.5,), start_warmup_lr=(1e-4,), min_lr=(2e-6,), min_lr_ratio=(0.01, 0.02),
     lars_trust_coefficient=(0.02,), lars_trust_ratio=("larc", "update"),
     lars_lr_in_momentum=(True, False), exclude_bias_and_norm=(False, True),
 )  # fmt: skip

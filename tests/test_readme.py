@@ -119,7 +119,8 @@ def test_every_readme_command_runs(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
 ) -> None:
-    for name in ("configs", "benchmarks"):  # the README's relative paths, from a fresh folder
+    # the README's relative paths, from a fresh folder
+    for name in ("configs", "benchmarks", "examples"):
         (tmp_path / name).symlink_to(REPO / name)
     monkeypatch.chdir(tmp_path)
     commands = readme_commands()

@@ -1,5 +1,6 @@
 """Self-supervised methods, each a LightningModule."""
 
+from sslzoo.methods.barlowtwins import BarlowTwins
 from sslzoo.methods.base import SSLMethod
 from sslzoo.methods.byol import BYOL
 from sslzoo.methods.dino import DINO
@@ -9,5 +10,18 @@ from sslzoo.methods.mocov3 import MoCoV3
 from sslzoo.methods.simclr import SimCLR
 from sslzoo.methods.simsiam import SimSiam
 from sslzoo.methods.swav import SwAV
+from sslzoo.methods.vicreg import VICReg
 
-__all__ = ["BYOL", "DINO", "IBOT", "MAE", "MoCoV3", "SSLMethod", "SimCLR", "SimSiam", "SwAV"]
+__all__ = [
+    "BYOL",
+    "BarlowTwins",
+    "DINO",
+    "IBOT",
+    "MAE",
+    "MoCoV3",
+    "SSLMethod",
+    "SimCLR",
+    "SimSiam",
+    "SwAV",
+    "VICReg",
+]

@@ -134,7 +134,8 @@ class SSLMethod(L.LightningModule):
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Optimizer parameter groups. A group with ``fixed_lr=True`` keeps the scaled base
-        learning rate instead of following the schedule."""
+        learning rate instead of following the schedule; one with ``lr_scale`` takes that
+        multiple of the learning rate."""
         decay, no_decay = split_decay(self.named_parameters(), self.optim.exclude_bias_and_norm)
         return decay_groups(decay, no_decay, self.optim.weight_decay)
 
@@ -299,7 +300,7 @@ class SSLMethod(L.LightningModule):
             self.total_steps,
             self.warmup_steps,
             self.scaled_lr,
-            st.min_lr,
+            st.min_lr if st.min_lr_ratio is None else st.min_lr_ratio * self.scaled_lr,
             st.start_warmup_lr,
             linspace_warmup=self.linspace_warmup,
         )
@@ -318,6 +319,6 @@ class SSLMethod(L.LightningModule):
         optimizers = self.optimizers(use_pl_optimizer=False)
         for opt in optimizers if isinstance(optimizers, list) else [optimizers]:
             for g in opt.param_groups:
-                g["lr"] = self.scaled_lr if g.get("fixed_lr") else lr
+                g["lr"] = (self.scaled_lr if g.get("fixed_lr") else lr) * g.get("lr_scale", 1.0)
                 g["weight_decay"] = self.weight_decay_at(step, g["base_weight_decay"])
         self.log_scalar("train/lr", lr)

@@ -30,7 +30,7 @@ from sslzoo.augment.recipes import MaskedGlobalLocalViews
 from sslzoo.losses.distillation import MaskedSelfDistillationLoss
 from sslzoo.methods.dino import DINO
 from sslzoo.methods.dino import OPTIM as DINO_OPTIM
-from sslzoo.nn.heads import PrototypeHead, weight_normed_linear
+from sslzoo.nn.heads import PatchPrototypeHead
 from sslzoo.nn.multicrop import forward_multicrop
 from sslzoo.nn.vit import is_timm_vit, vit_tokens
 from sslzoo.optim.schedules import teacher_temp_at
@@ -43,52 +43,9 @@ VIEWS = MaskedGlobalLocalViews(
 OPTIM = DINO_OPTIM  # main_ibot.py's optimisation arguments are main_dino.py's
 
 
-class IBOTHead(PrototypeHead):
-    """iBOT's head (``models/head.py`` ``iBOTHead``): one MLP for [CLS] and patch tokens; the
-    [CLS] token goes through ``last_layer`` (``out_dim``), patch tokens through their own
-    weight-normalised ``last_layer2`` (``patch_out_dim``) or, with ``shared_head``, through
-    ``last_layer`` too."""
-
-    def __init__(
-        self,
-        in_dim: int,
-        out_dim: int = 8192,
-        patch_out_dim: int = 8192,
-        shared_head: bool = False,
-        norm_last_layer: bool = True,
-        nlayers: int = 3,
-        hidden_dim: int = 2048,
-        bottleneck_dim: int = 256,
-    ) -> None:
-        super().__init__(
-            in_dim,
-            out_dim,
-            use_bn=False,
-            norm_last_layer=norm_last_layer,
-            nlayers=nlayers,
-            hidden_dim=hidden_dim,
-            bottleneck_dim=bottleneck_dim,
-        )
-        self.last_layer2 = (
-            None
-            if shared_head
-            else weight_normed_linear(bottleneck_dim, patch_out_dim, norm_last_layer)
-        )
-
-    @property
-    def patch_layer(self) -> nn.Module:
-        """The last layer applied to patch tokens."""
-        return self.last_layer if self.last_layer2 is None else self.last_layer2
-
-    def forward_tokens(
-        self, tokens: torch.Tensor, num_prefix_tokens: int = 1
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, prefix + N, D) ViT tokens -> ([CLS] output (B, K), patch outputs (B, N, K2))."""
-        z = self.project(tokens)
-        return self.last_layer(z[:, 0]), self.patch_layer(z[:, num_prefix_tokens:])
-
-
-def head_pairs(student: IBOTHead, teacher: IBOTHead) -> list[tuple[nn.Module, nn.Module]]:
+def head_pairs(
+    student: PatchPrototypeHead, teacher: PatchPrototypeHead
+) -> list[tuple[nn.Module, nn.Module]]:
     """Matching (student, teacher) parts of two heads whose sharing may differ, for the EMA
     update: the teacher's [CLS] layer follows the student's, and the teacher's own patch
     layer, if it has one, follows the student's patch layer."""
@@ -98,7 +55,9 @@ def head_pairs(student: IBOTHead, teacher: IBOTHead) -> list[tuple[nn.Module, nn
     return pairs
 
 
-def head_init_pairs(student: IBOTHead, teacher: IBOTHead) -> list[tuple[nn.Module, nn.Module]]:
+def head_init_pairs(
+    student: PatchPrototypeHead, teacher: PatchPrototypeHead
+) -> list[tuple[nn.Module, nn.Module]]:
     """The (student, teacher) parts whose weights the teacher head starts from.
 
     main_ibot.py loads the student's state dict into the teacher by name (``strict=False``).
@@ -222,18 +181,13 @@ class IBOT(DINO):
         )
 
     # ----------------------------------------------------------------- parts
-    def _ibot_head(self, shared_head: bool) -> IBOTHead:
+    def _ibot_head(self, shared_head: bool) -> PatchPrototypeHead:
         hp = self.hparams
-        return IBOTHead(
-            self.backbone.num_features,
-            hp.out_dim,
-            hp.patch_out_dim,
-            shared_head=shared_head,
-            norm_last_layer=hp.norm_last_layer,
-            nlayers=hp.head_layers,
-            hidden_dim=hp.hidden_dim,
-            bottleneck_dim=hp.bottleneck_dim,
-        )
+        return PatchPrototypeHead(
+            self.backbone.num_features, hp.out_dim, hp.patch_out_dim, shared_head=shared_head,
+            norm_last_layer=hp.norm_last_layer, nlayers=hp.head_layers,
+            hidden_dim=hp.hidden_dim, bottleneck_dim=hp.bottleneck_dim,
+        )  # fmt: skip
 
     def build_head(self) -> nn.Module:
         return self._ibot_head(self.hparams.shared_head)
@@ -249,14 +203,9 @@ class IBOT(DINO):
     def build_criterion(self) -> nn.Module:
         hp = self.hparams
         return MaskedSelfDistillationLoss(
-            hp.out_dim,
-            hp.patch_out_dim,
-            hp.student_temp,
-            hp.center_momentum,
-            hp.center_momentum2,
-            hp.lambda1,
-            hp.lambda2,
-        )
+            hp.out_dim, hp.patch_out_dim, hp.student_temp, hp.center_momentum,
+            hp.center_momentum2, hp.lambda1, hp.lambda2,
+        )  # fmt: skip
 
     def last_layers(self) -> list[nn.Module]:
         return [m for m in (self.head.last_layer, self.head.last_layer2) if m is not None]

@@ -116,3 +116,48 @@ class PrototypeHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.last_layer(self.project(x))
+
+
+class PatchPrototypeHead(PrototypeHead):
+    """A prototype head for [CLS] and patch tokens (iBOT's ``models/head.py`` ``iBOTHead``):
+    one MLP for both; the [CLS] token goes through ``last_layer`` (``out_dim``), patch tokens
+    through their own weight-normalised ``last_layer2`` (``patch_out_dim``) or, with
+    ``shared_head``, through ``last_layer`` too."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 8192,
+        patch_out_dim: int = 8192,
+        shared_head: bool = False,
+        norm_last_layer: bool = True,
+        nlayers: int = 3,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+    ) -> None:
+        super().__init__(
+            in_dim,
+            out_dim,
+            use_bn=False,
+            norm_last_layer=norm_last_layer,
+            nlayers=nlayers,
+            hidden_dim=hidden_dim,
+            bottleneck_dim=bottleneck_dim,
+        )
+        self.last_layer2 = (
+            None
+            if shared_head
+            else weight_normed_linear(bottleneck_dim, patch_out_dim, norm_last_layer)
+        )
+
+    @property
+    def patch_layer(self) -> nn.Module:
+        """The last layer applied to patch tokens."""
+        return self.last_layer if self.last_layer2 is None else self.last_layer2
+
+    def forward_tokens(
+        self, tokens: torch.Tensor, num_prefix_tokens: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, prefix + N, D) ViT tokens -> ([CLS] output (B, K), patch outputs (B, N, K2))."""
+        z = self.project(tokens)
+        return self.last_layer(z[:, 0]), self.patch_layer(z[:, num_prefix_tokens:])

@@ -38,6 +38,8 @@ class Optimization:
         warmup_epochs: linear learning-rate warmup length, in epochs (fractions allowed).
         start_warmup_lr: learning rate at step 0 of the warmup.
         min_lr: learning rate at the end of the cosine decay (not scaled).
+        min_lr_ratio: if set, the cosine ends at this fraction of the peak (scaled) learning
+            rate instead of at ``min_lr`` (Barlow Twins and VICReg: 0.001).
         lars_trust_coefficient: LARS trust coefficient (eta).
         lars_trust_ratio: ``update`` (eta ||w|| / ||g + wd w||: SimCLR, MoCo v3, BYOL, DINO,
             Barlow Twins, VICReg) or ``larc`` (eta ||w|| / (||g|| + wd ||w||): apex LARC, as
@@ -58,6 +60,7 @@ class Optimization:
     warmup_epochs: float = 0.0
     start_warmup_lr: float = 0.0
     min_lr: float = 0.0
+    min_lr_ratio: float | None = None
     lars_trust_coefficient: float = 1e-3
     lars_trust_ratio: TrustRatio = "update"
     lars_lr_in_momentum: bool = False
