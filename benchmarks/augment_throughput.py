@@ -4,7 +4,7 @@ against the batched device pipeline (sslzoo.augment), alone and inside a trainin
 Rows (source images per second; each image gives two views):
 
 * ``pil``: lightly's ``SimCLRTransform`` per image in a DataLoader with N workers.
-* ``device``: :func:`sslzoo.augment.simclr_views` on uint8 batches cut from an in-memory tensor
+* ``device``: :func:`sslzoo.augment.twin_views` on uint8 batches cut from an in-memory tensor
   on the device (CPU, and CUDA when available).
 * ``crops``: the image-folder device path: :class:`sslzoo.augment.CropViews` (crop and flip,
   uint8) per image in a DataLoader with N workers, the photometric steps of the same views on
@@ -42,7 +42,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from sslzoo.augment import simclr_views
+from sslzoo.augment import twin_views
 from sslzoo.losses.contrastive import NTXentLoss
 from sslzoo.methods.simclr import VIEWS as SIMCLR_VIEWS
 from sslzoo.methods.simclr import SimCLR
@@ -280,7 +280,7 @@ def main() -> None:
         if args.official:
             views = OFFICIAL.device(args.size, MEAN, STD).to(where)
         else:
-            views = simclr_views(args.size, MEAN, STD, cj_strength=0.5, gaussian_blur=0.0)
+            views = twin_views(args.size, MEAN, STD, cj_strength=0.5, gaussian_blur=0.0)
             views = views.to(where)
         for w in args.workers:
             cropped = lambda b, w=w, d=where, v=views: crop_batches(images, b, w, d, v)  # noqa: E731

@@ -26,7 +26,7 @@ from lightly.transforms import (
     SimCLRTransform,
 )
 
-from sslzoo.augment import DeviceViews, ViewRecipe, byol_views, ops, simclr_views
+from sslzoo.augment import DeviceViews, ViewRecipe, asymmetric_views, ops, twin_views
 from sslzoo.augment.params import crop_boxes, jitter_params, jitter_ranges
 from sslzoo.augment.recipes import TwoViews
 from sslzoo.datamodules import CIFAR10DataModule
@@ -202,7 +202,7 @@ def test_every_image_and_view_gets_its_own_parameters() -> None:
     torch.manual_seed(2)
     image = (smooth_images(1, 16, 16) * 255).round().to(torch.uint8)
     batch = image.expand(12, -1, -1, -1)  # twelve copies of one image
-    v1, v2 = simclr_views(16, (0.5,) * 3, (0.25,) * 3)(batch)
+    v1, v2 = twin_views(16, (0.5,) * 3, (0.25,) * 3)(batch)
     assert v1.shape == v2.shape == (12, 3, 16, 16) and v1.dtype == torch.float32
     for views in (v1, v2):
         flat = views.flatten(1)
@@ -288,11 +288,11 @@ def test_device_views_have_the_statistics_of_lightly_views(cifar_sample: np.ndar
         view_1_transform=BYOLView1Transform(input_size=32, normalize=normalize),
         view_2_transform=BYOLView2Transform(input_size=32, normalize=normalize),
     )
-    assert similar(simclr, device_statistics(simclr_views(32, MEAN, STD), cifar_sample))
+    assert similar(simclr, device_statistics(twin_views(32, MEAN, STD), cifar_sample))
     byol_stats = lightly_statistics(byol, cifar_sample)
-    assert similar(byol_stats, device_statistics(byol_views(32, MEAN, STD), cifar_sample))
+    assert similar(byol_stats, device_statistics(asymmetric_views(32, MEAN, STD), cifar_sample))
     # the comparison has power: views without colour jitter are told apart
-    no_jitter = simclr_views(32, MEAN, STD, cj_prob=0.0)
+    no_jitter = twin_views(32, MEAN, STD, cj_prob=0.0)
     assert not similar(simclr, device_statistics(no_jitter, cifar_sample))
 
 
@@ -397,7 +397,7 @@ def test_device_views_never_sync_with_the_host(official: bool) -> None:
         model = BYOL(**TINY_RESNET, projector_hidden_dim=8, predictor_hidden_dim=8)
         views = model.views.device(32, MEAN, STD).cuda()
     else:
-        views = byol_views(32, MEAN, STD).cuda()
+        views = asymmetric_views(32, MEAN, STD).cuda()
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device="cuda")
     views(images)  # warm-up
     torch.cuda.synchronize()

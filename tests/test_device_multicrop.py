@@ -20,7 +20,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from sslzoo.augment import CropViews, DeviceViews, ViewRecipe, ops, simclr_views
+from sslzoo.augment import CropViews, DeviceViews, ViewRecipe, ops, twin_views
 from sslzoo.augment.on_device import compile_views
 from sslzoo.augment.recipes import SingleView, Stats, Transform, Views
 from sslzoo.datamodules import CIFAR10DataModule, ImageFolderDataModule
@@ -227,7 +227,7 @@ def test_worker_crops_then_device_photometry_have_the_statistics_of_lightly_view
 
 def test_crop_views_draw_from_the_seeded_generator() -> None:
     image = Image.fromarray((smooth_images(1, 40, 30)[0] * 255).byte().permute(1, 2, 0).numpy())
-    crops = CropViews(simclr_views(12, MEAN, STD).recipes)
+    crops = CropViews(twin_views(12, MEAN, STD).recipes)
     torch.manual_seed(3)
     a = crops(image)
     torch.manual_seed(3)
@@ -237,7 +237,7 @@ def test_crop_views_draw_from_the_seeded_generator() -> None:
     assert not torch.equal(a[0], a[1]) and not torch.equal(a[0], c[0])
     assert [v.shape for v in a] == [(3, 12, 12)] * 2
     with pytest.raises(ValueError, match="3 cropped views for 2 recipes"):
-        simclr_views(12, MEAN, STD)([a[0][None]] * 3)
+        twin_views(12, MEAN, STD)([a[0][None]] * 3)
 
 
 # ------------------------------------------------------------------ training through both paths
@@ -309,7 +309,7 @@ def test_device_views_compile_as_one_graph() -> None:
                                                solarize_prob=0.5))  # fmt: skip
     ibot = IBOT(**TINY_IBOT, views=IBOT_VIEWS.replace(local_crops_number=2, local_crop_size=8))
     for views in (
-        simclr_views(16, MEAN, STD, gaussian_blur=0.5),
+        twin_views(16, MEAN, STD, gaussian_blur=0.5),
         dino.views.device(16, MEAN, STD),
         ibot.views.device(16, MEAN, STD),
     ):

@@ -131,7 +131,7 @@ class TFRecipe:
         )  # fmt: skip
 
     def device_settings(self, image_size: int) -> dict[str, Any]:
-        """Keywords of :func:`~sslzoo.augment.views.simclr_views` and ``byol_views``."""
+        """Keywords of :func:`~sslzoo.augment.views.twin_views` and ``asymmetric_views``."""
         settings: dict[str, Any] = {
             "interpolation": self.interpolation,
             "color_ops": self.color_ops,

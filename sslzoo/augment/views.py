@@ -7,7 +7,7 @@ draws one set for the whole batch. The steps and their order are those of lightl
 transforms: random resized crop, horizontal flip, colour jitter (random order) with probability,
 grayscale, Gaussian blur, solarisation, normalisation.
 
-The constructors :func:`simclr_views`, :func:`byol_views` and :func:`simsiam_views` take the
+The constructors :func:`twin_views`, :func:`asymmetric_views` and :func:`simsiam_views` take the
 keyword arguments of lightly's ``SimCLRTransform``, ``BYOLTransform`` views and
 ``SimSiamTransform`` with the same defaults.
 """
@@ -242,7 +242,7 @@ def lightly_view(
     )
 
 
-def simclr_views(
+def twin_views(
     input_size: int,
     mean: Sequence[float],
     std: Sequence[float],
@@ -269,7 +269,7 @@ def simclr_views(
     return DeviceViews([view, view])
 
 
-def byol_views(
+def asymmetric_views(
     input_size: int,
     mean: Sequence[float],
     std: Sequence[float],
@@ -289,7 +289,7 @@ def byol_views(
 ) -> DeviceViews:
     """The asymmetric pair of lightly's ``BYOLView1Transform`` and ``BYOLView2Transform``
     (blur 1.0 / 0.1, solarisation 0 / 0.2); MoCo v3 uses it with its own jitter.
-    ``official`` as for :func:`simclr_views`."""
+    ``official`` as for :func:`twin_views`."""
     common = dict(
         **official,
         input_size=input_size,
@@ -307,120 +307,3 @@ def byol_views(
     return DeviceViews(
         [lightly_view(gaussian_blur=b, solarization_prob=s, **common) for b, s in pairs]
     )
-
-
-# lightly's SimSiamTransform defaults where they differ from its SimCLRTransform's
-SIMSIAM_DEFAULTS = dict(cj_bright=0.4, cj_contrast=0.4, cj_sat=0.4, cj_hue=0.1, min_scale=0.2)
-
-
-def simsiam_views(
-    input_size: int, mean: Sequence[float], std: Sequence[float], **settings: Any
-) -> DeviceViews:
-    """Two views as lightly's ``SimSiamTransform``: :func:`simclr_views` with SimSiam's
-    defaults; ``settings`` takes the same keywords."""
-    return simclr_views(input_size, mean, std, **{**SIMSIAM_DEFAULTS, **settings})
-
-
-@dataclass(frozen=True)
-class MultiCropRecipe:
-    """DINO's multi-crop augmentation (``DataAugmentationDINO``), shared by its PIL views
-    (:func:`sslzoo.methods.dino.multicrop_transform`) and its device views
-    (:func:`dino_views`): global 1 (blur ``blur_prob[0]``), global 2 (blur ``blur_prob[1]``,
-    solarisation ``solarize_prob``), then ``local_crops_number`` local crops (blur
-    ``blur_prob[2]``). Each: bicubic random resized crop, flip, colour jitter (random order)
-    with ``color_jitter_prob``, grayscale, blur (sigma ~ U(blur_sigma)), normalisation."""
-
-    global_size: int
-    local_size: int
-    local_crops_number: int
-    global_crops_scale: tuple[float, float]
-    local_crops_scale: tuple[float, float]
-    color_jitter: tuple[float, float, float, float]
-    color_jitter_prob: float
-    grayscale_prob: float
-    blur_prob: tuple[float, float, float]
-    solarize_prob: float
-    blur_sigma: tuple[float, float]
-    hflip_prob: float
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    def crops(self) -> list[tuple[int, tuple[float, float], float, float]]:
-        """(size, area scale, blur probability, solarisation probability) of each view."""
-        local = (self.local_size, self.local_crops_scale, self.blur_prob[2], 0.0)
-        return [
-            (self.global_size, self.global_crops_scale, self.blur_prob[0], 0.0),
-            (self.global_size, self.global_crops_scale, self.blur_prob[1], self.solarize_prob),
-            *[local] * self.local_crops_number,
-        ]
-
-
-def dino_views(recipe: MultiCropRecipe) -> DeviceViews:
-    """DINO's multi-crop views on the device."""
-    r = recipe
-    return DeviceViews(
-        [
-            lightly_view(
-                size,
-                r.mean,
-                r.std,
-                r.color_jitter_prob,
-                1.0,
-                r.color_jitter,
-                scale[0],
-                r.grayscale_prob,
-                blur,
-                r.blur_sigma,
-                r.hflip_prob,
-                solarize,
-                scale[1],
-                "bicubic",
-            )  # fmt: skip
-            for size, scale, blur, solarize in r.crops()
-        ]
-    )
-
-
-def swav_views(
-    crop_sizes: Sequence[int],
-    crop_counts: Sequence[int],
-    crop_min_scales: Sequence[float],
-    crop_max_scales: Sequence[float],
-    mean: Sequence[float],
-    std: Sequence[float],
-    hf_prob: float = 0.5,
-    cj_prob: float = 0.8,
-    cj_strength: float = 1.0,
-    cj_bright: float = 0.8,
-    cj_contrast: float = 0.8,
-    cj_sat: float = 0.8,
-    cj_hue: float = 0.2,
-    random_gray_scale: float = 0.2,
-    gaussian_blur: float = 0.5,
-    sigmas: tuple[float, float] = (0.1, 2.0),
-) -> DeviceViews:
-    """SwAV's multi-crop views as lightly's ``SwaVTransform``: ``crop_counts[i]`` bilinear crops
-    of side ``crop_sizes[i]`` and area in ``[crop_min_scales[i], crop_max_scales[i]]``, each
-    with the same colour steps."""
-    jitter = (cj_bright, cj_contrast, cj_sat, cj_hue)
-    recipes: list[ViewRecipe] = []
-    settings = zip(crop_sizes, crop_counts, crop_min_scales, crop_max_scales, strict=True)
-    for size, count, low, high in settings:
-        recipe = lightly_view(
-            size, mean, std, cj_prob, cj_strength, jitter, low, random_gray_scale,
-            gaussian_blur, tuple(sigmas), hf_prob, 0.0, high,
-        )  # fmt: skip
-        recipes += [recipe] * count
-    return DeviceViews(recipes)
-
-
-def mae_views(
-    input_size: int, mean: Sequence[float], std: Sequence[float], min_scale: float = 0.2
-) -> DeviceViews:
-    """MAE's single view as lightly's ``MAETransform``: bicubic random resized crop of area in
-    ``[min_scale, 1]``, horizontal flip, normalisation; no colour steps."""
-    recipe = ViewRecipe(
-        size=input_size, scale=(min_scale, 1.0), interpolation="bicubic", jitter_prob=0.0,
-        grayscale_prob=0.0, mean=tuple(mean), std=tuple(std),
-    )  # fmt: skip
-    return DeviceViews([recipe])
