@@ -21,7 +21,7 @@ def test_cpu_tier_toy_budget(cifar_root: str, tmp_path: Path) -> None:
     assert len(results) == 1
     r = results[0]
     assert r["method"] == "SimCLR" and r["epochs"] == 1 and r["global_batch"] == 128
-    assert r["views"] == "PIL"  # the SimCLR real-data config keeps lightly's transform
+    assert r["views"] == "device"  # the SimCLR real-data config's device_augment
     for key in ("knn_top1_k200_t0.1", "knn_top1_k20_t0.07", "linear_top1"):
         assert 0.0 <= r[key] <= 1.0
     assert r["images_per_sec"] > 0 and r["peak_memory_gb"] > 0 and r["wall_minutes"] > 0

@@ -23,7 +23,8 @@ from tests.conftest import CIFAR_ARCHIVE, REPO
 
 # appended to every `sslzoo fit` that runs: one short epoch, no worker processes
 TINY_FIT = [
-    "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "1",
+    "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
+    "--trainer.limit_val_batches", "1",
     "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false",
     "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1",
     "--data.batch_size", "8",
