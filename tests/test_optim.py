@@ -18,9 +18,9 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
 import sslzoo.methods as methods
-from sslzoo.optim import optimizers as optim
 from sslzoo.methods.byol import BYOL
 from sslzoo.methods.simclr import SimCLR
+from sslzoo.optim import optimizers as optim
 from sslzoo.optim.lars import LARS
 from sslzoo.optim.optimizers import build_optimizer, decay_groups, split_decay, use_fused
 from sslzoo.optim.schedules import warmup_cosine
