@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -22,6 +23,16 @@ TINY_RESNET = {
     "backbone": "timm/resnet18",
     "backbone_kwargs": {"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128], "stem_width": 16},
     "cifar_stem": True,
+}
+
+# Small heads of the two-view methods, for TINY_RESNET (16-8 projections).
+TINY_HEADS: dict[str, dict[str, Any]] = {
+    "SimCLR": {"proj_hidden_dim": 16, "proj_out_dim": 8},
+    "MoCoV3": {"moco_dim": 8, "moco_mlp_dim": 16},
+    "BYOL": {"projector_hidden_dim": 16, "projector_out_dim": 8, "predictor_hidden_dim": 16},
+    "SimSiam": {"dim": 16, "pred_dim": 8},
+    "BarlowTwins": {"projector_dims": [16, 8]},
+    "VICReg": {"expander_dims": [16, 8]},
 }
 
 # SwAV on TINY_RESNET with small heads and two crop sizes (2 x 16 px, 2 x 8 px).

@@ -37,7 +37,7 @@ from sslzoo.methods.simsiam import SimSiam
 from sslzoo.methods.swav import SwAV
 from sslzoo.methods.vicreg import VICReg
 from sslzoo.nn.sync_batchnorm import SyncBatchNorm
-from tests.conftest import TINY_RESNET
+from tests.conftest import TINY_HEADS, TINY_RESNET
 from tests.helpers import quiet_trainer
 
 WORLD = 2
@@ -95,12 +95,11 @@ def build_method(name: str, devices: int = WORLD) -> SSLMethod:
                     freeze_last_layer=0, momentum_teacher=0.9, sync_batchnorm=True,
                     optim=dino.OPTIM.replace(**common))  # fmt: skip
     if name == "byol":
-        return BYOL(**TINY_RESNET, optim=byol.OPTIM.replace(**common), projector_hidden_dim=16,
-                    projector_out_dim=8, predictor_hidden_dim=16, ema_momentum=0.9,
-                    sync_batchnorm=True)  # fmt: skip
+        return BYOL(**TINY_RESNET, **TINY_HEADS["BYOL"], optim=byol.OPTIM.replace(**common),
+                    ema_momentum=0.9, sync_batchnorm=True)  # fmt: skip
     if name == "simsiam":
-        return SimSiam(**TINY_RESNET, optim=simsiam.OPTIM.replace(**common), dim=16, pred_dim=8,
-                       sync_batchnorm=True)  # fmt: skip
+        return SimSiam(**TINY_RESNET, **TINY_HEADS["SimSiam"],
+                       optim=simsiam.OPTIM.replace(**common), sync_batchnorm=True)  # fmt: skip
     if name == "ibot":
         return IBOT(**TINY_VIT, out_dim=16, patch_out_dim=16, hidden_dim=16, bottleneck_dim=8,
                     drop_path_rate=0.0,
@@ -114,12 +113,13 @@ def build_method(name: str, devices: int = WORLD) -> SSLMethod:
         scale = WORLD if devices == 1 else 1
         optim = barlowtwins.OPTIM.replace(**common)
         optim = optim.replace(lr=optim.lr / scale, weight_decay=optim.weight_decay * scale)
-        return BarlowTwins(**TINY_RESNET, optim=optim, projector_dims=(16, 8),
+        return BarlowTwins(**TINY_RESNET, **TINY_HEADS["BarlowTwins"], optim=optim,
                            bias_lr=optim.lr, sync_batchnorm=True)  # fmt: skip
     if name == "vicreg":
         # its loss (about 25) is far larger than the others: a smaller step keeps it stable
-        return VICReg(**TINY_RESNET, optim=vicreg.OPTIM.replace(**{**common, "lr": 0.01}),
-                      expander_dims=(16, 8), sync_batchnorm=True)  # fmt: skip
+        return VICReg(**TINY_RESNET, **TINY_HEADS["VICReg"],
+                      optim=vicreg.OPTIM.replace(**{**common, "lr": 0.01}),
+                      sync_batchnorm=True)  # fmt: skip
     raise ValueError(name)
 
 

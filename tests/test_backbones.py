@@ -1,12 +1,16 @@
-"""The backbone factory: ResNets with the CIFAR stem, torchvision and timm models, ViT sizes."""
+"""The backbone factory: ResNets with the CIFAR stem, torchvision and timm models, ViT sizes;
+the methods whose official ResNet starts its residual BatchNorms at zero."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
+import sslzoo.methods as methods
 from sslzoo.backbones import build_backbone
+from tests.conftest import TINY_HEADS, TINY_RESNET
 
 
 def test_resnet18_cifar_stem() -> None:
@@ -61,3 +65,24 @@ def test_zero_init_residual_reaches_torchvision_and_timm_resnets(name: str) -> N
 def test_unknown_backbone_says_where_to_look() -> None:
     with pytest.raises(ValueError, match="list_models"):
         build_backbone("resnet1234")
+
+
+@pytest.mark.parametrize("name", ["MoCoV3", "SimSiam", "BarlowTwins", "VICReg"])
+def test_resnet_starts_with_zero_residual_batchnorms_as_officially(name: str) -> None:
+    """These methods' official code builds ``torchvision.models.resnet*(zero_init_residual=
+    True)``: the last BatchNorm of every residual block starts at zero scale, every other at
+    one. The default applies to timm's ResNets too (``zero_init_last``) and can be turned off."""
+    cls = getattr(methods, name)
+    torch.manual_seed(0)
+    official = torchvision.models.__dict__["resnet18"](zero_init_residual=True)
+    zero = {n for n, m in official.named_modules()
+             if isinstance(m, nn.BatchNorm2d) and bool((m.weight == 0).all())}  # fmt: skip
+    assert zero == {f"layer{i}.{j}.bn2" for i in range(1, 5) for j in range(2)}
+    model = cls(backbone="resnet18", **TINY_HEADS[name], sync_batchnorm=False)
+    ours = {n for n, m in model.backbone.model.named_modules()
+            if isinstance(m, nn.BatchNorm2d) and bool((m.weight == 0).all())}  # fmt: skip
+    assert ours == zero
+    for setting in (True, False):
+        tiny = cls(**TINY_RESNET, **TINY_HEADS[name], zero_init_residual=setting,
+                   sync_batchnorm=False).backbone.model  # fmt: skip
+        assert bool((tiny.layer1[0].bn2.weight == 0).all()) == setting

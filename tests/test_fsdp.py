@@ -41,7 +41,7 @@ from sslzoo.methods.dino import DINO  # noqa: E402
 from sslzoo.methods.ibot import IBOT  # noqa: E402
 from sslzoo.methods.mae import MAE  # noqa: E402
 from sslzoo.methods.swav import SwAV  # noqa: E402
-from tests.conftest import TINY_RESNET  # noqa: E402
+from tests.conftest import TINY_HEADS, TINY_RESNET  # noqa: E402
 
 WORLD = 2
 SAMPLES, GLOBAL_BATCH = 16, 8  # 2 optimizer steps per epoch
@@ -157,25 +157,16 @@ class TwoViews(FixedViews):
         return views[:2], label
 
 
-# the two-view methods, tiny, each with its own optimisation recipe (LARS for most) warming up
-TWO_VIEW_METHODS: dict[str, dict[str, Any]] = {
-    "SimCLR": dict(proj_hidden_dim=16, proj_out_dim=8),
-    "MoCoV3": dict(moco_dim=8, moco_mlp_dim=16),
-    "BYOL": dict(projector_hidden_dim=16, projector_out_dim=8, predictor_hidden_dim=16),
-    "SimSiam": dict(dim=16, pred_dim=8),
-    "BarlowTwins": dict(projector_dims=(16, 8)),
-    "VICReg": dict(expander_dims=(16, 8)),
-}
-
-
 def tiny_two_view(name: str) -> Any:
+    """The two-view method ``name``, tiny, with its own optimisation recipe (LARS for most)
+    warming up."""
+
     def build() -> Any:
         torch.manual_seed(0)
         cls = getattr(methods, name)
         module = sys.modules[cls.__module__]
         optim = module.OPTIM.replace(warmup_epochs=1)
-        kwargs = TWO_VIEW_METHODS[name]
-        return cls(**TINY_RESNET, **kwargs, sync_batchnorm=False, optim=optim)
+        return cls(**TINY_RESNET, **TINY_HEADS[name], sync_batchnorm=False, optim=optim)
 
     return build
 
@@ -183,7 +174,7 @@ def tiny_two_view(name: str) -> Any:
 # method name -> (builder, dataset) of the runs compared with DDP
 AGAINST_DDP = {"swav": (tiny_swav, FixedViews), "ibot": (tiny_ibot, MaskedViews)}
 AGAINST_DDP["mae"] = (tiny_mae, OneView)
-AGAINST_DDP.update({name.lower(): (tiny_two_view(name), TwoViews) for name in TWO_VIEW_METHODS})
+AGAINST_DDP.update({name.lower(): (tiny_two_view(name), TwoViews) for name in TINY_HEADS})
 
 
 class RecordLoss(L.Callback):

@@ -29,7 +29,7 @@ from sslzoo.datamodules import DigitsDataModule
 from sslzoo.methods.base import declared_default
 from sslzoo.methods.dino import VIEWS as DINO_VIEWS
 from sslzoo.methods.ibot import VIEWS as IBOT_VIEWS
-from tests.conftest import SMALL_SWAV, TINY_RESNET
+from tests.conftest import SMALL_SWAV, TINY_HEADS, TINY_RESNET
 from tests.helpers import digits, quiet_trainer
 
 STEPS = 2
@@ -41,20 +41,13 @@ TINY_VIT = dict(
 HEAD = dict(out_dim=32, hidden_dim=32, bottleneck_dim=16)
 # small heads on the tiny backbones; no warmup, so the first step already moves the weights
 TINY: dict[str, dict[str, Any]] = {
-    "SimCLR": dict(**TINY_RESNET, proj_hidden_dim=16, proj_out_dim=8),
-    "MoCoV3": dict(**TINY_RESNET, moco_dim=8, moco_mlp_dim=16),
-    "BYOL": dict(
-        **TINY_RESNET, projector_hidden_dim=16, projector_out_dim=8, predictor_hidden_dim=16
-    ),
-    "SimSiam": dict(**TINY_RESNET, dim=16, pred_dim=8),
+    **{name: dict(**TINY_RESNET, **heads) for name, heads in TINY_HEADS.items()},
     "SwAV": SMALL_SWAV,
     "DINO": dict(**TINY_VIT, **HEAD, views=DINO_VIEWS.replace(local_crops_number=2)),
     "IBOT": dict(
         **TINY_VIT, **HEAD, patch_out_dim=32, views=IBOT_VIEWS.replace(local_crops_number=2)
     ),
     "MAE": dict(**TINY_VIT, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2),
-    "BarlowTwins": dict(**TINY_RESNET, projector_dims=(16, 8)),
-    "VICReg": dict(**TINY_RESNET, expander_dims=(16, 8)),
 }
 
 

@@ -43,7 +43,7 @@ from sslzoo.methods.simsiam import SimSiam
 from sslzoo.methods.swav import VIEWS as SWAV_VIEWS
 from sslzoo.methods.swav import SwAV
 from sslzoo.methods.vicreg import VICReg
-from tests.conftest import TINY_RESNET
+from tests.conftest import TINY_HEADS, TINY_RESNET
 from tests.helpers import quiet_trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step`")
@@ -309,11 +309,11 @@ METHODS: dict[str, tuple[Callable[[], SSLMethod], Callable[[], Any]]] = {
         pair,
     ),
     "barlowtwins": (
-        lambda: BarlowTwins(**TINY_RESNET, projector_dims=(16, 8), sync_batchnorm=False),
+        lambda: BarlowTwins(**TINY_RESNET, **TINY_HEADS["BarlowTwins"], sync_batchnorm=False),
         pair,
     ),
     "vicreg": (
-        lambda: VICReg(**TINY_RESNET, expander_dims=(16, 8), sync_batchnorm=False),
+        lambda: VICReg(**TINY_RESNET, **TINY_HEADS["VICReg"], sync_batchnorm=False),
         pair,
     ),
     # a queue of two batches: filled by steps 1 and 2, used from step 3

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-import torchvision
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -381,24 +380,6 @@ def test_run_resumed_mid_epoch_updates_the_momentum_encoder_as_an_uninterrupted_
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-
-
-def test_resnet_starts_with_zero_residual_batchnorms_as_officially() -> None:
-    """The official code builds ``torchvision.models.__dict__[arch](zero_init_residual=True)``:
-    the last BatchNorm of every residual block starts at zero scale, every other at one. The
-    default applies to timm's ResNets too (``zero_init_last``) and can be turned off."""
-    torch.manual_seed(0)
-    official = torchvision.models.__dict__["resnet18"](zero_init_residual=True)
-    zero = {n for n, m in official.named_modules()
-             if isinstance(m, nn.BatchNorm2d) and bool((m.weight == 0).all())}  # fmt: skip
-    assert zero == {f"layer{i}.{j}.bn2" for i in range(1, 5) for j in range(2)}
-    model = MoCoV3(backbone="resnet18", moco_dim=8, moco_mlp_dim=16, sync_batchnorm=False)
-    ours = {n for n, m in model.backbone.model.named_modules()
-            if isinstance(m, nn.BatchNorm2d) and bool((m.weight == 0).all())}  # fmt: skip
-    assert ours == zero
-    for setting in (True, False):
-        timm_model = MoCoV3(**SMALL, zero_init_residual=setting).backbone.model
-        assert bool((timm_model.layer1[0].bn2.weight == 0).all()) == setting
 
 
 def _cli(config: Path, *extra: str):

@@ -6,42 +6,28 @@ Twins' separate learning rate for biases and norms."""
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import lightning as L
 import pytest
 import torch
-from torch import nn
 
 from sslzoo.methods import BarlowTwins, VICReg, barlowtwins, vicreg
 from sslzoo.optim.settings import Optimization
 from tests.conftest import TINY_RESNET
 from tests.helpers import digits, quiet_trainer
+from tests.test_heads import layout
 
 SMALL = dict(**TINY_RESNET, sync_batchnorm=False)
-
-
-def layers(head: nn.Sequential) -> list[tuple[str, Any]]:
-    """Each layer's kind with its shape: ("linear", in, out, has bias), ("bn", n, affine)."""
-    out: list[tuple[str, Any]] = []
-    for m in head:
-        if isinstance(m, nn.Linear):
-            out.append(("linear", m.in_features, m.out_features, m.bias is not None))
-        elif isinstance(m, nn.BatchNorm1d):
-            out.append(("bn", m.num_features, m.affine))
-        else:
-            out.append((type(m).__name__,))
-    return out
 
 
 def test_barlow_twins_projector_and_loss_norm_are_the_official_ones() -> None:
     """main.py: ``sizes = [2048] + projector``; Linear(no bias) -> BN -> ReLU per hidden
     layer, a last Linear without bias; ``BatchNorm1d(sizes[-1], affine=False)`` in the loss."""
     model = BarlowTwins(**SMALL, projector_dims=(32, 32, 16))
-    assert layers(model.projector) == [
-        ("linear", 128, 32, False), ("bn", 32, True), ("ReLU",),
-        ("linear", 32, 32, False), ("bn", 32, True), ("ReLU",),
-        ("linear", 32, 16, False),
+    assert layout(model.projector) == [
+        "Linear(128,32,bias=False)", "BN(32,affine=True,shift=True)", "ReLU",
+        "Linear(32,32,bias=False)", "BN(32,affine=True,shift=True)", "ReLU",
+        "Linear(32,16,bias=False)",
     ]  # fmt: skip
     assert (model.criterion.bn.num_features, model.criterion.bn.affine) == (16, False)
     assert model.criterion.lambd == 0.0051
@@ -51,10 +37,10 @@ def test_vicreg_expander_is_the_official_one() -> None:
     """main_vicreg.py ``Projector``: Linear (with bias) -> BN -> ReLU per hidden layer, a last
     Linear without bias."""
     model = VICReg(**SMALL, expander_dims=(32, 32, 16))
-    assert layers(model.expander) == [
-        ("linear", 128, 32, True), ("bn", 32, True), ("ReLU",),
-        ("linear", 32, 32, True), ("bn", 32, True), ("ReLU",),
-        ("linear", 32, 16, False),
+    assert layout(model.expander) == [
+        "Linear(128,32,bias=True)", "BN(32,affine=True,shift=True)", "ReLU",
+        "Linear(32,32,bias=True)", "BN(32,affine=True,shift=True)", "ReLU",
+        "Linear(32,16,bias=False)",
     ]  # fmt: skip
     c = model.criterion
     assert (c.sim_coeff, c.std_coeff, c.cov_coeff, c.eps) == (25.0, 25.0, 1.0, 1e-4)

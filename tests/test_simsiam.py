@@ -11,7 +11,6 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-import torchvision
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -237,24 +236,6 @@ def test_training_on_a_fixed_batch_lowers_the_loss_without_collapse(short_run) -
     first, last = np.mean(recorder.losses[:3]), np.mean(recorder.losses[-3:])
     assert last < first - 0.2, recorder.losses  # the loss lies in [-1, 1]
     assert min(recorder.stds) > 0.5 / math.sqrt(16), recorder.stds  # 1/sqrt(d) when spread
-
-
-def test_resnet_starts_with_zero_residual_batchnorms_as_officially() -> None:
-    """The official code builds ``torchvision.models.__dict__[arch](zero_init_residual=True)``:
-    the last BatchNorm of every residual block starts at zero scale, every other at one. The
-    default applies to timm's ResNets too (``zero_init_last``) and can be turned off."""
-    torch.manual_seed(0)
-    official = torchvision.models.__dict__["resnet18"](zero_init_residual=True)
-    zero = {n for n, m in official.named_modules()
-             if isinstance(m, nn.BatchNorm2d) and bool((m.weight == 0).all())}  # fmt: skip
-    assert zero == {f"layer{i}.{j}.bn2" for i in range(1, 5) for j in range(2)}
-    model = SimSiam(backbone="resnet18", dim=16, pred_dim=8, sync_batchnorm=False)
-    ours = {n for n, m in model.backbone.model.named_modules()
-            if isinstance(m, nn.BatchNorm2d) and bool((m.weight == 0).all())}  # fmt: skip
-    assert ours == zero
-    for setting in (True, False):
-        timm_model = SimSiam(**SMALL, zero_init_residual=setting).backbone.model
-        assert bool((timm_model.layer1[0].bn2.weight == 0).all()) == setting
 
 
 def image_folder(root: Path) -> Path:
