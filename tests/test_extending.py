@@ -16,10 +16,8 @@ import pytest
 import torch
 import yaml
 
+from examples.my_idea import DecoupledNTXent, DecoupledSimCLR, TinySiamese
 from tests.conftest import REPO
-
-sys.path.insert(0, str(REPO))
-from examples.my_idea import DecoupledNTXent, DecoupledSimCLR, TinySiamese  # noqa: E402
 
 SSLZOO = str(Path(sys.executable).with_name("sslzoo"))
 TINY = [
