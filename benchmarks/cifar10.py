@@ -69,7 +69,9 @@ def run_one(
     import sslzoo
     from sslzoo.callbacks import Throughput
     from sslzoo.cli import SSLZooCLI
-    from sslzoo.evaluation import extract_features, knn_accuracy, linear_probe_accuracy
+    from sslzoo.eval.features import extract_features
+    from sslzoo.eval.knn import knn_accuracy
+    from sslzoo.eval.probes import linear_probe_accuracy
 
     args = ["--config", str(config), "--data.root", data, "--seed_everything", str(seed),
             "--trainer.default_root_dir", str(root)]  # fmt: skip

@@ -221,7 +221,7 @@ class SSLZooCLI(LightningCLI):
 
 EXTRA_COMMANDS = {
     "quickstart": ("sslzoo.quickstart", "main", "train on the offline digits, compare"),
-    "eval": ("sslzoo.eval", "run", "kNN / linear probe of a checkpoint's backbone"),
+    "eval": ("sslzoo.eval.cli", "run", "kNN / linear probe of a checkpoint's backbone"),
     "export": ("sslzoo.export", "main", "write a checkpoint's backbone for plain timm/torchvision"),
     "report": ("sslzoo.report", "main", "plot kNN, probe and loss curves of runs"),
 }

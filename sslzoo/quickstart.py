@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 
-from sslzoo.evaluation import extract_features, knn_accuracy, linear_probe_accuracy
+from sslzoo.eval.features import extract_features
+from sslzoo.eval.knn import knn_accuracy
+from sslzoo.eval.probes import linear_probe_accuracy
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart" / "simclr.yaml"
 

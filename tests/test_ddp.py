@@ -29,7 +29,7 @@ import pytest
 import torch
 from torch import nn
 
-from sslzoo.evaluation import extract_features
+from sslzoo.eval.features import extract_features
 from sslzoo.nn.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 from tests import ddp_helpers as H
 

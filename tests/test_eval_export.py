@@ -19,7 +19,7 @@ from sslzoo.checkpoints import load_method
 from sslzoo.cli import SSLZooCLI, main
 from sslzoo.datamodules import CIFAR10DataModule, ImageFolderDataModule
 from sslzoo.errors import MissingDataError
-from sslzoo.eval import run as eval_run
+from sslzoo.eval.cli import run as eval_run
 from sslzoo.export import export_backbone
 from sslzoo.report import make_figure
 from tests.augment_helpers import cifar_folder

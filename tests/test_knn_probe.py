@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from sslzoo.callbacks import KNNMonitor, OnlineProbe
-from sslzoo.evaluation import extract_features, knn_accuracy, knn_predict, linear_probe_accuracy
+from sslzoo.eval.features import extract_features
+from sslzoo.eval.knn import knn_accuracy, knn_predict
+from sslzoo.eval.probes import linear_probe_accuracy
 from sslzoo.methods.simclr import SimCLR
 from tests.conftest import TINY_RESNET
 from tests.helpers import digits, quiet_trainer

@@ -25,7 +25,9 @@ import pytest
 
 from sslzoo.callbacks import KNNMonitor
 from sslzoo.cli import SSLZooCLI
-from sslzoo.evaluation import extract_features, knn_accuracy, linear_probe_accuracy
+from sslzoo.eval.features import extract_features
+from sslzoo.eval.knn import knn_accuracy
+from sslzoo.eval.probes import linear_probe_accuracy
 
 CONFIGS = sorted((Path(__file__).parent / "configs" / "real_data").glob("*.yaml"))
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from sslzoo.distributed import gather_rows, rank, real_sample_count, val_sampler, world_size
-from sslzoo.evaluation import knn_predict
+from sslzoo.eval.knn import knn_predict
 
 
 def shard_loader(loader: DataLoader, shard: int, shards: int) -> DataLoader | None:

@@ -89,6 +89,17 @@ class SSLDataModule(L.LightningDataModule):
         """Create ``train_set`` (views), ``bank_set`` and ``val_set`` (eval transform)."""
         raise NotImplementedError
 
+    def labeled_splits(
+        self, train_transform: Transform, test_transform: Transform
+    ) -> tuple[Dataset, Dataset]:
+        """The labeled training images (those of the kNN bank) and the validation (test)
+        images, each with its own transform: what fine-tuning and robustness evaluation read.
+        ``(image, label)`` items in a fixed order, the same on every call."""
+        self.build_datasets(None, train_transform)
+        train = self.bank_set
+        self.build_datasets(None, test_transform)
+        return train, self.val_set
+
     device_augment: bool = False  # subclasses that support it take it as an argument
     compile_augment: bool = False
 

@@ -148,6 +148,14 @@ class CIFAR10DataModule(SSLDataModule):
             self.bank_set = ImageArray(*train, transform=eval_transform)
             self.val_set = ImageArray(*test, transform=eval_transform)
 
+    def labeled_splits(
+        self, train_transform: Transform, test_transform: Transform
+    ) -> tuple[ImageArray, ImageArray]:
+        return (
+            ImageArray(*self.arrays("train"), transform=train_transform),
+            ImageArray(*self.arrays("test"), transform=test_transform),
+        )
+
     def _loader(self, dataset: Any, train: bool, num_workers: int | None = None) -> Any:
         if isinstance(dataset, NormalizedImages):
             num_workers = 0  # a batch is one indexing and one vectorised conversion

@@ -37,7 +37,9 @@ from sslzoo.checkpoints import (
 )
 from sslzoo.datamodules import SSLDataModule
 from sslzoo.errors import CheckpointError
-from sslzoo.evaluation import extract_features, knn_accuracy, linear_probe_accuracy
+from sslzoo.eval.features import extract_features
+from sslzoo.eval.knn import knn_accuracy
+from sslzoo.eval.probes import linear_probe_accuracy
 
 
 def _parser(data: dict[str, Any] | None = None) -> ArgumentParser:
