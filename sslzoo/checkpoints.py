@@ -246,14 +246,19 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def load_method(path: str | Path) -> SSLMethod:
-    """The trained method of a checkpoint, in eval mode."""
+def load_method(path: str | Path, trained: bool = True, seed: int = 0) -> SSLMethod:
+    """The trained method of a checkpoint, in eval mode; with ``trained=False`` the same method
+    and architecture freshly initialised (from ``seed``), the baseline an evaluation puts
+    beside it."""
     ckpt = read_checkpoint(path)
     hparams = ckpt.get("hyper_parameters") or {}
     if "_class_path" not in hparams:
         raise CheckpointError(f"{path}: no method class recorded; was it written by `sslzoo fit`?")
-    model = _import(hparams["_class_path"], SSLMethod, path)(**_init_args(hparams))
-    model.load_state_dict(ckpt["state_dict"])
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = _import(hparams["_class_path"], SSLMethod, path)(**_init_args(hparams))
+    if trained:
+        model.load_state_dict(ckpt["state_dict"])
     return model.eval()
 
 

@@ -6,12 +6,15 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
 
 from sslzoo.augment.recipes import MultiCropViews
+
+if TYPE_CHECKING:
+    from sslzoo.cli import SSLZooCLI
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_ARCHIVE = Path(
@@ -60,3 +63,36 @@ def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> str:
             "(the real-data tests need it and must not be skipped)"
         )
     return str(extract_archive(CIFAR_ARCHIVE, tmp_path_factory.mktemp("cache")))
+
+
+CONFIG = REPO / "configs" / "quickstart" / "simclr.yaml"
+
+
+def fit(root: Path, *overrides: str) -> SSLZooCLI:
+    """Train the quickstart SimCLR config briefly under ``root``; ``overrides`` are CLI args."""
+    from sslzoo.cli import SSLZooCLI
+
+    cli = SSLZooCLI(
+        args=[
+            "--config", str(CONFIG),
+            "--trainer.default_root_dir", str(root),
+            "--trainer.max_epochs", "2",
+            "--trainer.limit_train_batches", "2",
+            "--trainer.check_val_every_n_epoch", "1",
+            "--trainer.log_every_n_steps", "1",
+            "--trainer.enable_progress_bar", "false",
+            "--data.batch_size", "32",
+            "--data.num_workers", "0",
+            *overrides,
+        ],
+        run=False,
+    )  # fmt: skip
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli
+
+
+@pytest.fixture(scope="session")
+def timm_run(tmp_path_factory: pytest.TempPathFactory) -> SSLZooCLI:
+    """SimCLR on the digits (quickstart config), 2 epochs of 2 batches: one tiny trained
+    checkpoint that the evaluation, export and report tests share."""
+    return fit(tmp_path_factory.mktemp("timm_run"))

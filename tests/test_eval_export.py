@@ -23,34 +23,7 @@ from sslzoo.eval.cli import run as eval_run
 from sslzoo.export import export_backbone
 from sslzoo.report import make_figure
 from tests.augment_helpers import cifar_folder
-from tests.conftest import REPO
-
-CONFIG = REPO / "configs" / "quickstart" / "simclr.yaml"
-
-
-def fit(root: Path, *overrides: str) -> SSLZooCLI:
-    cli = SSLZooCLI(
-        args=[
-            "--config", str(CONFIG),
-            "--trainer.default_root_dir", str(root),
-            "--trainer.max_epochs", "2",
-            "--trainer.limit_train_batches", "2",
-            "--trainer.check_val_every_n_epoch", "1",
-            "--trainer.log_every_n_steps", "1",
-            "--trainer.enable_progress_bar", "false",
-            "--data.batch_size", "32",
-            "--data.num_workers", "0",
-            *overrides,
-        ],
-        run=False,
-    )  # fmt: skip
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return cli
-
-
-@pytest.fixture(scope="module")
-def timm_run(tmp_path_factory: pytest.TempPathFactory) -> SSLZooCLI:
-    return fit(tmp_path_factory.mktemp("timm_run"))
+from tests.conftest import fit
 
 
 def last_ckpt(run: SSLZooCLI) -> Path:

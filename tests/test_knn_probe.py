@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sslzoo.callbacks import KNNMonitor, OnlineProbe
+from sslzoo.eval.collapse import rankme
 from sslzoo.eval.features import extract_features
 from sslzoo.eval.knn import knn_accuracy, knn_predict
 from sslzoo.eval.probes import linear_probe_accuracy
@@ -85,6 +86,9 @@ def test_monitor_agrees_with_offline_knn() -> None:
         offline = knn_accuracy(*bank, *val, k=k, temperature=t)
         assert float(trainer.callback_metrics[name]) == pytest.approx(offline, abs=1e-6)
     assert 0.0 <= float(trainer.callback_metrics["probe/val_top1"]) <= 1.0
+    # the collapse monitor: RankMe of the bank's features, the same rows as offline
+    logged = float(trainer.callback_metrics["monitor/rankme"])
+    assert logged == pytest.approx(rankme(bank[0]), rel=1e-4)
 
 
 @pytest.mark.parametrize("shard", [0, 1])

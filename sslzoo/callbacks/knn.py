@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from sslzoo.distributed import gather_rows, rank, real_sample_count, val_sampler, world_size
+from sslzoo.eval.collapse import rankme
 from sslzoo.eval.knn import knn_predict
 
 
@@ -57,12 +58,17 @@ class KNNMonitor(L.Callback):
     correct and total counts are summed over ranks: the accuracy is over the whole validation
     set, the same on every rank.
 
+    The bank's features also give the collapse monitor ``monitor/rankme`` (RankMe, the
+    effective rank of the features: :func:`sslzoo.eval.collapse.rankme`), at most
+    ``rankme_samples`` rows of the bank, the same on every rank.
+
     Args:
         k: neighbours of the headline protocol, logged as ``knn/val_top1``.
         temperature: temperature of the headline protocol.
         extra_protocols: more (k, temperature) pairs, logged as ``knn/val_top1_k{k}_t{T}``;
             the DINO protocol is (20, 0.07).
         chunk_size: queries scored at once.
+        rankme_samples: bank rows RankMe is computed on (the first ones; 0 turns it off).
     """
 
     def __init__(
@@ -71,9 +77,12 @@ class KNNMonitor(L.Callback):
         temperature: float = 0.1,
         extra_protocols: list[tuple[int, float]] | None = None,
         chunk_size: int = 1024,
+        rankme_samples: int = 4096,
     ) -> None:
         self.protocols = [(k, temperature)] + [tuple(p) for p in (extra_protocols or [])]
         self.chunk_size = chunk_size
+        self.rankme_samples = rankme_samples
+        self._rankme: float | None = None
         self._bank: torch.Tensor | None = None
         self._bank_labels: torch.Tensor | None = None
         self._correct: list[int] = []
@@ -94,6 +103,7 @@ class KNNMonitor(L.Callback):
         )
         self._correct = [0] * len(self.protocols)
         self._total = 0
+        self._rankme = rankme(self._bank[: self.rankme_samples]) if self.rankme_samples else None
 
     @staticmethod
     def build_bank(
@@ -156,6 +166,8 @@ class KNNMonitor(L.Callback):
             dist.all_reduce(counts)
             summed = counts.tolist()
             self._correct, self._total = summed[:-1], summed[-1]
+        if self._rankme is not None:
+            pl_module.log("monitor/rankme", self._rankme)
         if not self._total:
             return
         for i, (k, t) in enumerate(self.protocols):

@@ -1,45 +1,95 @@
-"""``sslzoo eval knn|linear``: evaluate a pretrained backbone on frozen features.
+"""``sslzoo eval PROTOCOL --ckpt RUN.ckpt``: what a pretrained backbone is worth.
 
     sslzoo eval knn --ckpt RUN.ckpt                    # the data the run was trained with
     sslzoo eval knn --ckpt RUN.ckpt --data.root DIR    # the run's data settings, found in DIR
     sslzoo eval knn --ckpt RUN.ckpt --data CIFAR10DataModule --data.root DIR   # other data
-    sslzoo eval linear --ckpt RUN.ckpt --epochs 100
+    sslzoo eval linear --ckpt RUN.ckpt --epochs 100 [--head mlp] [--label_fraction 0.1]
+    sslzoo eval fewshot --ckpt RUN.ckpt --shots [1,5,10]
+    sslzoo eval robustness --ckpt RUN.ckpt [--corruptions [gaussian_noise,fog]]
+    sslzoo eval finetune --ckpt RUN.ckpt --label_fraction 0.1
+    sslzoo eval all --ckpt RUN.ckpt --out REPORT_DIR   # every protocol, trained and untrained
 
 Without ``--data``, the run's datamodule is rebuilt with the arguments its checkpoint recorded;
 ``--data.KEY VALUE`` replaces one of them. ``--data CLASS`` chooses another datamodule, with its
-own defaults.
+own defaults. ``--groups FILE.csv`` (image path or index, group) adds accuracy per group to
+every protocol. ``--untrained true`` evaluates the same architecture freshly initialised.
 
 kNN: weighted vote on L2-normalised features (DINO protocol k=20 T=0.07, and k=200 T=0.1),
-bank = labeled training images, queries = validation images. Linear: features are extracted
-once and cached beside the checkpoint, a linear classifier is trained on the training features
-only and its validation accuracy is reported at the final epoch; nothing is selected on the
-validation set. Methods with a teacher are evaluated with the teacher (``eval_backbone``).
+bank = labeled training images, queries = validation (test) images. Probes: features are
+extracted once and cached beside the checkpoint, a linear (or 2-layer MLP) classifier is
+trained on the training features only and its test accuracy is reported at the final epoch;
+nothing is selected on the test set. Methods with a teacher are evaluated with the teacher
+(``eval_backbone``).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentParser, Namespace
 
 from sslzoo.checkpoints import (
     IMPORT_HELP,
     check_data_paths,
     import_trusted,
-    load_method,
     recorded_datamodule,
 )
 from sslzoo.datamodules import SSLDataModule
-from sslzoo.errors import CheckpointError
-from sslzoo.eval.features import extract_features
-from sslzoo.eval.knn import knn_accuracy
-from sslzoo.eval.probes import linear_probe_accuracy
+from sslzoo.errors import CheckpointError, ConfigError
+from sslzoo.eval.checkpoint_features import frozen_features
+from sslzoo.eval.groups import read_groups, sample_ids
+from sslzoo.eval.protocols import (
+    NO_SELECTION,
+    Groups,
+    collapse_protocol,
+    fewshot_protocol,
+    knn_protocol,
+    probe_protocol,
+)
+
+PROTOCOLS = {
+    "knn": "weighted kNN on frozen features",
+    "linear": "linear or MLP probe on frozen features",
+    "fewshot": "logistic regression on k labeled images per class",
+    "robustness": "kNN and linear probe on corrupted test images",
+    "finetune": "the whole backbone fine-tuned on a fraction of the labels",
+    "all": "every protocol, trained and untrained backbone, one report",
+}
+
+
+def _add_knn(sub: ArgumentParser) -> None:
+    sub.add_argument("--k", type=list[int], default=[20, 200])
+    sub.add_argument("--temperature", type=list[float], default=[0.07, 0.1])
+
+
+def _add_probe(sub: ArgumentParser, prefix: str = "") -> None:
+    sub.add_argument(f"--{prefix}epochs", type=int, default=100, help="probe epochs")
+    sub.add_argument(f"--{prefix}lr", type=float, default=1e-2, help="probe AdamW lr")
+    sub.add_argument(f"--{prefix}weight_decay", type=float, default=1e-4)
+
+
+def _add_fewshot(sub: ArgumentParser) -> None:
+    sub.add_argument("--shots", type=list[int], default=[1, 5, 10], help="labeled images/class")
+    sub.add_argument("--draws", type=int, default=5, help="draws of the shots (mean and std)")
+    sub.add_argument("--C", type=float, default=1.0, help="inverse L2 strength")
+
+
+def _add_robustness(sub: ArgumentParser) -> None:
+    sub.add_argument(
+        "--corruptions", type=list[str] | None, default=None, help="default: every one available"
+    )
+    sub.add_argument("--severities", type=list[int], default=[1, 2, 3, 4, 5])
+
+
+def _add_finetune(sub: ArgumentParser) -> None:
+    from sslzoo.eval.finetune import add_finetune_arguments
+
+    add_finetune_arguments(sub)
 
 
 def _parser(data: dict[str, Any] | None = None) -> ArgumentParser:
@@ -47,48 +97,43 @@ def _parser(data: dict[str, Any] | None = None) -> ArgumentParser:
     ``--data``, which ``--data.KEY VALUE`` arguments then override."""
     parser = ArgumentParser(prog="sslzoo eval", description=__doc__)
     commands = parser.add_subcommands(dest="protocol")
-    for name in ("knn", "linear"):
-        sub = ArgumentParser()
+    for name, about in PROTOCOLS.items():
+        sub = ArgumentParser(description=about)
         sub.add_argument("--ckpt", required=True, help="checkpoint written by sslzoo fit")
         sub.add_argument("--import_module", default=None, help=IMPORT_HELP)
         sub.add_subclass_arguments(
             SSLDataModule, "data", required=False, default=data, help="evaluation data"
         )
         sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        sub.add_argument("--output", default=None, help="write the result as JSON here")
-        if name == "knn":
-            sub.add_argument("--k", type=list[int], default=[20, 200])
-            sub.add_argument("--temperature", type=list[float], default=[0.07, 0.1])
-        else:
-            sub.add_argument("--epochs", type=int, default=100)
-            sub.add_argument("--lr", type=float, default=1e-2)
-            sub.add_argument("--weight_decay", type=float, default=1e-4)
-            sub.add_argument("--no_cache", type=bool, default=False)
+        sub.add_argument("--groups", default=None, help="CSV: image (path or index), group")
+        sub.add_argument("--seed", type=int, default=0, help="label subsets, probes, draws")
+        sub.add_argument("--no_cache", type=bool, default=False, help="re-extract features")
+        if name != "all":
+            sub.add_argument("--output", default=None, help="write the result as JSON here")
+            sub.add_argument("--untrained", type=bool, default=False, help="fresh weights")
+        if name in ("knn", "robustness", "all"):
+            _add_knn(sub)
+        if name == "linear":
+            _add_probe(sub)
+            sub.add_argument("--head", choices=["linear", "mlp"], default="linear")
+            sub.add_argument("--label_fraction", type=float, default=1.0)
+        if name == "robustness":
+            _add_probe(sub)
+            _add_robustness(sub)
+        if name == "fewshot":
+            _add_fewshot(sub)
+        if name == "finetune":
+            _add_finetune(sub)
+        if name == "all":
+            sub.add_argument("--out", default=None, help="report folder (default: beside ckpt)")
+            sub.add_argument("--label_fractions", type=list[float], default=[0.01, 0.1, 1.0])
+            sub.add_argument("--skip", type=list[str], default=[], help="protocols left out")
+            _add_probe(sub, "probe_")
+            _add_fewshot(sub)
+            _add_robustness(sub)
+            _add_finetune(sub)
         commands.add_subcommand(name, sub)
     return parser
-
-
-def frozen_features(
-    ckpt: str, data: SSLDataModule, device: str, cache: bool = False
-) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """(train features, labels) and (val features, labels) of the checkpoint's eval backbone.
-
-    With ``cache``, features are stored beside the checkpoint, keyed by checkpoint and data.
-    """
-    key = hashlib.sha1(
-        f"{Path(ckpt).resolve()}:{Path(ckpt).stat().st_mtime}:{data.hparams}".encode()
-    ).hexdigest()[:12]
-    cache_file = Path(ckpt).with_name(f"{Path(ckpt).stem}.features-{key}.pt")
-    if cache and cache_file.is_file():
-        saved = torch.load(cache_file, weights_only=True)
-        return tuple(saved["train"]), tuple(saved["val"])
-    model = load_method(ckpt).to(device)
-    data.build_datasets(None, data.eval_transform())
-    train = extract_features(model.eval_backbone, data.knn_bank_dataloader(), device)
-    val = extract_features(model.eval_backbone, data.val_dataloader(), device)
-    if cache:
-        torch.save({"train": list(train), "val": list(val)}, cache_file)
-    return train, val
 
 
 def _recorded_data(argv: list[str]) -> dict[str, Any] | None:
@@ -110,6 +155,60 @@ def _recorded_data(argv: list[str]) -> dict[str, Any] | None:
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
 
 
+def load_groups(args: Namespace, data: SSLDataModule) -> Groups | None:
+    """The group of each test image, from ``--groups``."""
+    if not args.groups:
+        return None
+    if data.val_set is None:
+        data.build_datasets(None, data.eval_transform())
+    return read_groups(args.groups, sample_ids(data.val_set), getattr(data, "val_dir", None))
+
+
+def run_protocol(
+    protocol: str, args: Namespace, data: SSLDataModule, groups: Groups | None
+) -> dict[str, Any]:
+    """One protocol (not ``all``) on the checkpoint ``args.ckpt``; prints its headline."""
+    trained = not args.untrained
+    result: dict[str, Any] = {"ckpt": str(args.ckpt), "protocol": protocol, "trained": trained}
+    if protocol == "finetune":
+        from sslzoo.eval.finetune import finetune_from_arguments
+
+        result.update(finetune_from_arguments(args, data, trained=trained, groups=groups))
+        return result
+    cache = protocol != "knn" and not args.no_cache
+    f = frozen_features(args.ckpt, data, args.device, cache=cache, trained=trained)
+    result.update(train_images=len(f.train_labels), val_images=len(f.test_labels))
+    result["selection"] = NO_SELECTION
+    result["collapse"] = collapse_protocol(f)
+    if protocol == "knn":
+        if len(args.k) != len(args.temperature):
+            raise ConfigError("--k and --temperature need the same number of values")
+        for name, scored in knn_protocol(f, args.k, args.temperature, groups).items():
+            result[f"knn_top1_{name}"] = scored["top1"]
+            if "groups" in scored:
+                result.setdefault("groups", {})[f"knn_{name}"] = scored["groups"]
+            print(f"kNN {name:<12} top-1 {scored['top1']:.4f}")
+    elif protocol == "linear":
+        scored, _ = probe_protocol(
+            f, args.head, args.label_fraction, args.epochs, args.lr, args.weight_decay,
+            args.seed, groups,
+        )  # fmt: skip
+        top1 = result[f"{args.head}_top1"] = scored.pop("top1")
+        result.update(scored)
+        print(f"{args.head} probe ({args.epochs} epochs, final epoch) top-1 {top1:.4f}")
+    elif protocol == "fewshot":
+        result["fewshot"] = fewshot_protocol(f, args.shots, args.draws, args.C, args.seed)
+        for k, scored in result["fewshot"]["shots"].items():
+            print(f"{k:>3}-shot top-1 {scored['mean']:.4f} +- {scored['std']:.4f}")
+    elif protocol == "robustness":
+        probe = (args.epochs, args.lr, args.weight_decay)
+        from sslzoo.eval.robustness import robustness_protocol
+
+        result["robustness"] = robustness_protocol(args, data, f, trained, probe)
+    print(f"RankMe {result['collapse']['rankme']:.1f}")
+    return result
+
+
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse ``argv``, evaluate, print and return the result."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -123,29 +222,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if recorded is not None:
         check_data_paths(args.ckpt, recorded["init_args"], args.data.init_args.as_dict())
     data = parser.instantiate_classes(cfg)[protocol].data
-    train, val = frozen_features(
-        args.ckpt, data, args.device, cache=protocol == "linear" and not args.no_cache
-    )
-    result: dict[str, Any] = {
-        "ckpt": str(args.ckpt),
-        "protocol": protocol,
-        "train_images": len(train[1]),
-        "val_images": len(val[1]),
-        "selection": "none: final-epoch accuracy, trained on the training split only",
-    }
-    if protocol == "knn":
-        if len(args.k) != len(args.temperature):
-            parser.error("--k and --temperature need the same number of values")
-        for k, t in zip(args.k, args.temperature, strict=True):
-            acc = knn_accuracy(*train, *val, k=k, temperature=t)
-            result[f"knn_top1_k{k}_t{t:g}"] = acc
-            print(f"kNN k={k:<4} T={t:<5g} top-1 {acc:.4f}")
-    else:
-        acc = linear_probe_accuracy(
-            *train, *val, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay
-        )
-        result["linear_top1"] = acc
-        print(f"linear probe ({args.epochs} epochs, final epoch) top-1 {acc:.4f}")
+    if protocol == "all":
+        from sslzoo.eval.everything import evaluate_all
+
+        return evaluate_all(args, data, load_groups(args, data))
+    result = run_protocol(protocol, args, data, load_groups(args, data))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2))
     return result

@@ -1,0 +1,98 @@
+"""``sslzoo eval all``: every protocol on the trained backbone and on the same architecture
+freshly initialised, features extracted once per backbone, one report (Markdown, JSON, PNG)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import Namespace
+
+from sslzoo.datamodules import SSLDataModule
+from sslzoo.eval.checkpoint_features import frozen_features
+from sslzoo.eval.protocols import (
+    NO_SELECTION,
+    Groups,
+    collapse_protocol,
+    fewshot_protocol,
+    knn_protocol,
+    probe_protocol,
+)
+from sslzoo.eval.report import write_report
+
+STAGES = ("knn", "linear", "mlp", "fewshot", "robustness", "finetune")
+
+
+def report_folder(args: Namespace) -> Path:
+    """``--out``, or ``eval_<checkpoint name>`` beside the checkpoint."""
+    if args.out:
+        return Path(args.out)
+    return Path(args.ckpt).resolve().parent / f"eval_{Path(args.ckpt).stem}"
+
+
+def evaluate_backbone(
+    args: Namespace, data: SSLDataModule, trained: bool, groups: Groups | None, out: Path
+) -> dict[str, Any]:
+    """Every protocol not in ``--skip`` on one backbone."""
+    name = "trained" if trained else "untrained"
+    print(f"== {name} backbone")
+    f = frozen_features(args.ckpt, data, args.device, cache=not args.no_cache, trained=trained)
+    result: dict[str, Any] = {"collapse": collapse_protocol(f)}
+    probe = (args.probe_epochs, args.probe_lr, args.probe_weight_decay)
+    if "knn" not in args.skip:
+        result["knn"] = knn_protocol(f, args.k, args.temperature, groups)
+    if "linear" not in args.skip:
+        result["linear"] = {}
+        for fraction in args.label_fractions:
+            indices = out / f"indices/linear_{fraction:g}_seed{args.seed}.json"
+            scored, _ = probe_protocol(
+                f, "linear", fraction, *probe, args.seed, groups, indices_file=indices
+            )
+            result["linear"][f"{fraction:g}"] = scored
+    if "mlp" not in args.skip:
+        result["mlp"], _ = probe_protocol(f, "mlp", 1.0, *probe, args.seed, groups)
+    if "fewshot" not in args.skip:
+        result["fewshot"] = fewshot_protocol(f, args.shots, args.draws, args.C, args.seed)
+    if "robustness" not in args.skip:
+        from sslzoo.eval.robustness import robustness_protocol
+
+        result["robustness"] = robustness_protocol(args, data, f, trained, probe)
+    if "finetune" not in args.skip:
+        from sslzoo.eval.finetune import finetune_from_arguments
+
+        result["finetune"] = {}
+        for fraction in args.label_fractions:
+            scored = finetune_from_arguments(
+                args, data, trained=trained, groups=groups, label_fraction=fraction,
+                out_dir=out / "finetune" / name,
+            )  # fmt: skip
+            result["finetune"][f"{fraction:g}"] = scored
+    return result
+
+
+def evaluate_all(args: Namespace, data: SSLDataModule, groups: Groups | None) -> dict[str, Any]:
+    """Run every protocol on both backbones and write the report into the report folder."""
+    unknown = sorted(set(args.skip) - set(STAGES))
+    if unknown:
+        from sslzoo.errors import ConfigError
+
+        raise ConfigError(f"--skip: unknown protocol {unknown[0]!r}; choose from {list(STAGES)}")
+    out = report_folder(args)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "ckpt": str(Path(args.ckpt).resolve()),
+        "data": {"class": type(data).__name__, **{k: str(v) for k, v in data.hparams.items()}},
+        "selection": NO_SELECTION + "; fine-tuning chooses nothing on the test split either "
+        "(anything it selects is selected on a validation split carved from its labeled "
+        "training subset)",
+        "groups_file": args.groups,
+        "backbones": {},
+    }
+    for trained in (True, False):
+        name = "trained" if trained else "untrained"
+        report["backbones"][name] = evaluate_backbone(args, data, trained, groups, out)
+        (out / "report.json").write_text(json.dumps(report, indent=2))  # partial results kept
+    write_report(report, out)
+    print(f"report written to {out}/report.md")
+    return report
