@@ -126,7 +126,7 @@ def robustness_protocol(
         unnormalized_test_images(data),
         f.test_labels,
         classifiers,
-        args.corruptions or corruption_names(data.image_size),
+        args.corruptions or corruption_names(),
         args.severities,
         data.mean,
         data.std,
