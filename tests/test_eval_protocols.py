@@ -149,6 +149,7 @@ def test_eval_linear_mlp_head_and_label_fraction(timm_run) -> None:
     assert 0.2 < mlp["mlp_top1"] <= 1 and mlp["head"] == "mlp"
     few = eval_run(["linear", "--ckpt", ckpt, "--epochs", "5", "--label_fraction", "0.1"])
     assert few["train_images"] == 1347 and few["label_fraction"] == 0.1
+    assert 0.09 * 1347 < few["labeled_images"] < 0.11 * 1347
     assert 0 < few["collapse"]["rankme"] <= 256
 
 
@@ -180,7 +181,7 @@ def test_eval_all_writes_a_report(timm_run, tmp_path: Path) -> None:
                        "--draws", "2", "--skip", "[robustness,finetune]"])  # fmt: skip
     assert set(report["backbones"]) == {"trained", "untrained"}
     saved = json.loads((out / "report.json").read_text())
-    assert saved["backbones"]["trained"]["linear"]["0.1"]["train_images"] < 1347
+    assert saved["backbones"]["trained"]["linear"]["0.1"]["labeled_images"] < 0.11 * 1347
     text = (out / "report.md").read_text()
     assert "| kNN k20_t0.07 |" in text and "2-shot" in text and "RankMe" in text
     assert "Accuracy per group" in text

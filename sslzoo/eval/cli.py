@@ -175,8 +175,7 @@ def run_protocol(
 
         result.update(finetune_from_arguments(args, data, trained=trained, groups=groups))
         return result
-    cache = protocol != "knn" and not args.no_cache
-    f = frozen_features(args.ckpt, data, args.device, cache=cache, trained=trained)
+    f = frozen_features(args.ckpt, data, args.device, cache=not args.no_cache, trained=trained)
     result.update(train_images=len(f.train_labels), val_images=len(f.test_labels))
     result["selection"] = NO_SELECTION
     result["collapse"] = collapse_protocol(f)

@@ -84,7 +84,7 @@ def probe_protocol(
     result["ece"] = float(
         multiclass_calibration_error(probabilities, f.test_labels, f.num_classes, n_bins=15)
     )
-    result.update(head=head, label_fraction=label_fraction, train_images=len(idx), epochs=epochs)
+    result.update(head=head, label_fraction=label_fraction, labeled_images=len(idx), epochs=epochs)
     return result, probe
 
 

@@ -47,8 +47,8 @@ def corrupted_features(
     backbone.eval()
     feats = []
     for b, (x, _) in enumerate(DataLoader(images, batch_size=batch_size, shuffle=False)):
-        generator = torch.Generator().manual_seed((base + b) % 2**63)
-        x = corrupt(x.float(), corruption, severity, generator).to(device)
+        generator = torch.Generator(device=device).manual_seed((base + b) % 2**63)
+        x = corrupt(x.to(device).float(), corruption, severity, generator)
         feats.append(backbone((x - mean_t) / std_t).float().cpu())
     backbone.train(was_training)
     return torch.cat(feats)
