@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from sslzoo.augment.recipes import TwoViews
 from sslzoo.losses.redundancy import CrossCorrelationLoss
@@ -85,6 +86,10 @@ class BarlowTwins(SSLMethod):
             if g["name"] == "no_decay":
                 g["lr_scale"] = self.hparams.bias_lr / self.optim.lr
         return groups
+
+    @property
+    def projection_mlp(self) -> nn.Sequential:
+        return self.projector
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         (y1, y2), labels = batch

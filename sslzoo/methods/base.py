@@ -132,6 +132,13 @@ class SSLMethod(L.LightningModule):
         """The backbone whose features are evaluated (kNN, probes, export)."""
         return self.backbone
 
+    @property
+    def projection_mlp(self) -> nn.Sequential | None:
+        """The MLP projection head on :attr:`eval_backbone`'s features, whose first layers
+        fine-tuning may keep (SimCLR v2's ``ft_proj_selector``); None where the method has
+        none."""
+        return None
+
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Optimizer parameter groups. A group with ``fixed_lr=True`` keeps the scaled base
         learning rate instead of following the schedule; one with ``lr_scale`` takes that

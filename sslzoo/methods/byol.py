@@ -105,6 +105,10 @@ class BYOL(SSLMethod):
     def teacher_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.target_backbone), (self.projector, self.target_projector)]
 
+    @property
+    def projection_mlp(self) -> nn.Sequential:
+        return self.projector
+
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         (x1, x2), labels = batch
         y1, y2 = self.backbone(x1), self.backbone(x2)

@@ -140,6 +140,10 @@ class MoCoV3(SSLMethod):
         hp = self.hparams
         return TeacherUpdate(hp.moco_m, cosine=hp.moco_m_cos, before_step=True)
 
+    @property
+    def projection_mlp(self) -> nn.Sequential:
+        return self.projector
+
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         (x1, x2), labels = batch
         y1, y2 = self.backbone(x1), self.backbone(x2)

@@ -137,6 +137,10 @@ class SimCLR(SSLMethod):
         examples = self.optim.warmup_epochs * self.examples_per_epoch
         return round(examples // self.global_batch_size)
 
+    @property
+    def projection_mlp(self) -> nn.Sequential:
+        return self.projection_head
+
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         (x1, x2), labels = batch
         h = self.backbone(torch.cat([x1, x2]))

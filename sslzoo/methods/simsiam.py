@@ -128,6 +128,10 @@ class SimSiam(SSLMethod):
             step -= step % self.steps_per_epoch
         return super().learning_rate_at(step)
 
+    @property
+    def projection_mlp(self) -> nn.Sequential:
+        return self.projector
+
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         (x1, x2), labels = batch
         y1, y2 = self.backbone(x1), self.backbone(x2)

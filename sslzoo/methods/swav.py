@@ -192,6 +192,10 @@ class SwAV(SSLMethod):
                 "official scripts set them with the batch (e.g. min_lr = peak / 1000)"
             )
 
+    @property
+    def projection_mlp(self) -> nn.Sequential:
+        return self.projection_head
+
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         views, labels = batch
         self.normalize_prototypes()

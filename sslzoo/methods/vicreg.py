@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from sslzoo.augment.recipes import TwoViews
 from sslzoo.losses.redundancy import VICRegLoss
@@ -73,6 +74,10 @@ class VICReg(SSLMethod):
         )
         self.expander = mlp([self.backbone.num_features, *expander_dims], hidden_bias=True)
         self.criterion = VICRegLoss(sim_coeff, std_coeff, cov_coeff)
+
+    @property
+    def projection_mlp(self) -> nn.Sequential:
+        return self.expander
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         (x1, x2), labels = batch

@@ -168,6 +168,17 @@ def disable_drop_path(module: nn.Module) -> nn.Module:
     return module
 
 
+def set_drop_path(vit: nn.Module, rate: float) -> nn.Module:
+    """Stochastic depth of a timm ``VisionTransformer`` set after construction, as timm's (and
+    MAE's) ``drop_path_rate`` sets it: block ``i`` of ``depth`` drops each residual branch with
+    probability ``rate * i / (depth - 1)``."""
+    rates = torch.linspace(0, rate, len(vit.blocks)).tolist()
+    for block, p in zip(vit.blocks, rates, strict=True):
+        block.drop_path1 = DropPath(p) if p > 0 else nn.Identity()
+        block.drop_path2 = DropPath(p) if p > 0 else nn.Identity()
+    return vit
+
+
 def is_timm_vit(name: str) -> bool:
     """Whether :func:`sslzoo.backbones.build_backbone` builds a timm ``VisionTransformer``
     from ``name`` (torchvision names win when there is no ``timm/`` prefix, as there)."""
