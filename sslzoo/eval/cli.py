@@ -48,6 +48,7 @@ from sslzoo.eval.protocols import (
     Groups,
     collapse_protocol,
     fewshot_protocol,
+    finetune_protocol,
     knn_protocol,
     probe_protocol,
 )
@@ -106,10 +107,12 @@ def _parser(data: dict[str, Any] | None = None) -> ArgumentParser:
         )
         sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         sub.add_argument("--groups", default=None, help="CSV: image (path or index), group")
-        sub.add_argument("--seed", type=int, default=0, help="label subsets, probes, draws")
+        if name not in ("finetune", "all"):  # fine-tuning's options have their own seed
+            sub.add_argument("--seed", type=int, default=0, help="label subsets, probes, draws")
         sub.add_argument("--no_cache", type=bool, default=False, help="re-extract features")
         if name != "all":
             sub.add_argument("--output", default=None, help="write the result as JSON here")
+        if name not in ("finetune", "all"):  # fine-tuning has --pretrained false
             sub.add_argument("--untrained", type=bool, default=False, help="fresh weights")
         if name in ("knn", "robustness", "all"):
             _add_knn(sub)
@@ -168,13 +171,19 @@ def run_protocol(
     protocol: str, args: Namespace, data: SSLDataModule, groups: Groups | None
 ) -> dict[str, Any]:
     """One protocol (not ``all``) on the checkpoint ``args.ckpt``; prints its headline."""
+    if protocol == "finetune":
+        from sslzoo.eval.finetune import finetune_kwargs
+
+        result = {
+            "ckpt": str(args.ckpt),
+            **finetune_protocol(args.ckpt, data, groups, **finetune_kwargs(args)),
+        }
+        print(
+            f"fine-tuned on {result['label_fraction']:g} of the labels: top-1 {result['top1']:.4f}"
+        )
+        return result
     trained = not args.untrained
     result: dict[str, Any] = {"ckpt": str(args.ckpt), "protocol": protocol, "trained": trained}
-    if protocol == "finetune":
-        from sslzoo.eval.finetune import finetune_from_arguments
-
-        result.update(finetune_from_arguments(args, data, trained=trained, groups=groups))
-        return result
     f = frozen_features(args.ckpt, data, args.device, cache=not args.no_cache, trained=trained)
     result.update(train_images=len(f.train_labels), val_images=len(f.test_labels))
     result["selection"] = NO_SELECTION

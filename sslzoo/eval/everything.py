@@ -16,6 +16,7 @@ from sslzoo.eval.protocols import (
     Groups,
     collapse_protocol,
     fewshot_protocol,
+    finetune_protocol,
     knn_protocol,
     probe_protocol,
 )
@@ -59,15 +60,17 @@ def evaluate_backbone(
 
         result["robustness"] = robustness_protocol(args, data, f, trained, probe)
     if "finetune" not in args.skip:
-        from sslzoo.eval.finetune import finetune_from_arguments
+        from sslzoo.eval.finetune import finetune_kwargs
 
         result["finetune"] = {}
         for fraction in args.label_fractions:
-            scored = finetune_from_arguments(
-                args, data, trained=trained, groups=groups, label_fraction=fraction,
-                out_dir=out / "finetune" / name,
-            )  # fmt: skip
-            result["finetune"][f"{fraction:g}"] = scored
+            kwargs = finetune_kwargs(args)
+            kwargs.update(
+                label_fraction=fraction, pretrained=trained, out_dir=out / "finetune" / name
+            )
+            result["finetune"][f"{fraction:g}"] = finetune_protocol(
+                args.ckpt, data, groups, **kwargs
+            )
     return result
 
 

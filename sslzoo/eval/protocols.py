@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torchmetrics.functional.classification import multiclass_calibration_error
@@ -99,3 +100,16 @@ def fewshot_protocol(
 def collapse_protocol(f: Features, samples: int = 4096) -> dict[str, float]:
     """RankMe and the feature spread on (at most ``samples`` of) the training features."""
     return {"rankme": rankme(f.train[:samples]), "feature_std": feature_std(f.train[:samples])}
+
+
+def finetune_protocol(ckpt: str, data: Any, groups: Groups | None, **kwargs: Any) -> dict[str, Any]:
+    """:func:`sslzoo.eval.finetune.finetune`, its per-image predictions turned into accuracy
+    per group; ``top1`` is the fine-tuned test top-1."""
+    from sslzoo.eval.finetune import finetune
+
+    result = finetune(ckpt, data, **kwargs)
+    labels, predicted = result.pop("test_labels"), result.pop("test_predictions")
+    result["top1"] = result["finetune_top1"]
+    if groups is not None:
+        result["groups"] = group_accuracy(predicted, labels, *groups)
+    return result
