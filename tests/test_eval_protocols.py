@@ -177,20 +177,25 @@ def test_eval_all_writes_a_report(timm_run, tmp_path: Path) -> None:
     groups = tmp_path / "groups.csv"
     groups.write_text("index,group\n" + "".join(f"{i},g{i % 3}\n" for i in range(450)))
     report = eval_run(["all", "--ckpt", ckpt, "--out", str(out), "--groups", str(groups),
-                       "--label_fractions", "[0.1,1.0]", "--probe_epochs", "3", "--shots", "[2]",
-                       "--draws", "2", "--skip", "[robustness,finetune]"])  # fmt: skip
+                       "--label_fractions", "[0.1]", "--probe_epochs", "2", "--shots", "[2]",
+                       "--draws", "1", "--corruptions", "[gaussian_noise]", "--severities", "[5]",
+                       "--epochs", "1", "--batch_size", "32", "--progress_bar", "false",
+                       "--skip", "[mlp]"])  # fmt: skip
     assert set(report["backbones"]) == {"trained", "untrained"}
     saved = json.loads((out / "report.json").read_text())
-    assert saved["backbones"]["trained"]["linear"]["0.1"]["labeled_images"] < 0.11 * 1347
+    trained = saved["backbones"]["trained"]
+    assert trained["linear"]["0.1"]["labeled_images"] < 0.11 * 1347
+    assert trained["finetune"]["0.1"]["train_images"] == trained["linear"]["0.1"]["labeled_images"]
+    noise = trained["robustness"]["accuracy"]["linear"]["gaussian_noise"]
+    assert set(noise) == {"5"} and "frost" in trained["robustness"]["left_out"]
     text = (out / "report.md").read_text()
-    assert "| kNN k20_t0.07 |" in text and "2-shot" in text and "RankMe" in text
-    assert "Accuracy per group" in text
-    for png in ("label_fractions.png", "groups.png"):
+    for row in ("| kNN k20_t0.07 |", "2-shot", "RankMe", "fine-tuned, 10% labels",
+                "| gaussian_noise |", "Accuracy per group"):  # fmt: skip
+        assert row in text
+    for png in ("label_fractions.png", "robustness.png", "groups.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (
-        json.loads((out / "indices" / "linear_0.1_seed0.json").read_text())["label_fraction"] == 0.1
-    )
-    trained, untrained = (
-        saved["backbones"][k]["collapse"]["rankme"] for k in ("trained", "untrained")
-    )
-    assert trained != untrained
+    indices = json.loads((out / "indices" / "linear_0.1_seed0.json").read_text())
+    assert indices["label_fraction"] == 0.1
+    assert (out / "finetune" / "untrained" / "finetune_indices_0.1.json").is_file()
+    ranks = [saved["backbones"][k]["collapse"]["rankme"] for k in ("trained", "untrained")]
+    assert ranks[0] != ranks[1]

@@ -33,6 +33,16 @@ TINY_FIT = [
 TINY_CIFAR = ["--data.subset_per_class", "4"]  # 40 training and 40 test images
 TINY_QUICKSTART = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
                    "--trainer.enable_progress_bar", "false"]  # fmt: skip
+# appended to every `sslzoo eval PROTOCOL` that runs: a few epochs, one corruption, one shot
+TINY_EVAL = {
+    "linear": ["--epochs", "2"],
+    "fewshot": ["--shots", "[1]", "--draws", "2"],
+    "robustness": ["--corruptions", "[gaussian_noise]", "--severities", "[3]", "--epochs", "2"],
+    "finetune": ["--epochs", "1", "--batch_size", "8", "--progress_bar", "false"],
+    "all": ["--probe_epochs", "2", "--shots", "[1]", "--draws", "1", "--label_fractions", "[0.5]",
+            "--corruptions", "[gaussian_noise]", "--severities", "[3]", "--epochs", "1",
+            "--batch_size", "8", "--progress_bar", "false"],
+}  # fmt: skip
 GPU_PRESETS = (
     "configs/trainer/ddp.yaml",
     "configs/trainer/fsdp.yaml",
@@ -124,6 +134,10 @@ def test_every_readme_command_runs(
     for name in ("configs", "benchmarks", "examples"):
         (tmp_path / name).symlink_to(REPO / name)
     monkeypatch.chdir(tmp_path)
+    # the groups file of `eval knn --groups`: the 40 test images of TINY_CIFAR by index
+    (tmp_path / "groups.csv").write_text(
+        "index,group\n" + "".join(f"{i},{'ab'[i % 2]}\n" for i in range(40))
+    )
     commands = readme_commands()
     assert commands[:2] == ["make demo", "make test"], "the README starts with its two commands"
     seen = {"run": 0, "parse": 0}
@@ -144,6 +158,8 @@ def test_every_readme_command_runs(
                 args += TINY_FIT + (TINY_CIFAR if "configs/cifar10/" in command else [])
             if args[0] == "eval" and "--data.root" in args:  # another datamodule: subset it too
                 args += TINY_CIFAR
+            if args[0] == "eval" and "--help" not in args:
+                args += TINY_EVAL.get(args[1], [])
             run_sslzoo(args)
         seen[kind] += 1
         capsys.readouterr()  # one command's output at a time
