@@ -1,5 +1,5 @@
 """Command line: ``sslzoo fit|validate|test --config ...`` (LightningCLI), and ``sslzoo
-quickstart``, ``sslzoo eval knn|linear``, ``sslzoo export``, ``sslzoo report``.
+quickstart``, ``sslzoo eval PROTOCOL``, ``sslzoo export``, ``sslzoo report``.
 
 Each ``fit`` writes into a new ``version_N`` folder under ``trainer.default_root_dir``
 (``runs/<method>_<data>`` unless set): TensorBoard events, ``metrics.csv``, ``config.yaml`` and
@@ -221,7 +221,7 @@ class SSLZooCLI(LightningCLI):
 
 EXTRA_COMMANDS = {
     "quickstart": ("sslzoo.quickstart", "main", "train on the offline digits, compare"),
-    "eval": ("sslzoo.eval.cli", "run", "kNN / linear probe of a checkpoint's backbone"),
+    "eval": ("sslzoo.eval.cli", "run", "kNN, probes, fine-tuning, few-shot, robustness: a report"),
     "export": ("sslzoo.export", "main", "write a checkpoint's backbone for plain timm/torchvision"),
     "report": ("sslzoo.report", "main", "plot kNN, probe and loss curves of runs"),
 }

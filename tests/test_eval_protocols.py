@@ -190,7 +190,8 @@ def test_eval_all_writes_a_report(timm_run, tmp_path: Path) -> None:
     assert set(noise) == {"5"} and "frost" in trained["robustness"]["left_out"]
     text = (out / "report.md").read_text()
     for row in ("| kNN k20_t0.07 |", "2-shot", "RankMe", "fine-tuned, 10% labels",
-                "| gaussian_noise |", "Accuracy per group"):  # fmt: skip
+                "| gaussian_noise |", "Accuracy per group", "| 2-shot | untrained |",
+                "| linear, corrupted | trained |", "| fine-tuned 10% | trained |"):  # fmt: skip
         assert row in text
     for png in ("label_fractions.png", "robustness.png", "groups.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -199,3 +200,13 @@ def test_eval_all_writes_a_report(timm_run, tmp_path: Path) -> None:
     assert (out / "finetune" / "untrained" / "finetune_indices_0.1.json").is_file()
     ranks = [saved["backbones"][k]["collapse"]["rankme"] for k in ("trained", "untrained")]
     assert ranks[0] != ranks[1]
+
+
+def test_robustness_at_severity_zero_is_the_clean_accuracy(timm_run) -> None:
+    """The corrupted path (images in [0, 1], normalised after corrupting) at severity 0 sees
+    exactly the clean test images: the classifiers fitted on clean features score the same."""
+    result = eval_run(["robustness", "--ckpt", str(ckpt_of(timm_run)), "--epochs", "2",
+                       "--corruptions", "[contrast]", "--severities", "[0]"])  # fmt: skip
+    for summary in result["robustness"]["summary"].values():
+        assert summary["drop"] == pytest.approx(0.0, abs=1e-9)
+        assert summary["clean"] > 0.3

@@ -205,14 +205,14 @@ def run_protocol(
         result.update(scored)
         print(f"{args.head} probe ({args.epochs} epochs, final epoch) top-1 {top1:.4f}")
     elif protocol == "fewshot":
-        result["fewshot"] = fewshot_protocol(f, args.shots, args.draws, args.C, args.seed)
+        result["fewshot"] = fewshot_protocol(f, args.shots, args.draws, args.C, args.seed, groups)
         for k, scored in result["fewshot"]["shots"].items():
             print(f"{k:>3}-shot top-1 {scored['mean']:.4f} +- {scored['std']:.4f}")
     elif protocol == "robustness":
         probe = (args.epochs, args.lr, args.weight_decay)
         from sslzoo.eval.robustness import robustness_protocol
 
-        result["robustness"] = robustness_protocol(args, data, f, trained, probe)
+        result["robustness"] = robustness_protocol(args, data, f, trained, probe, groups=groups)
     print(f"RankMe {result['collapse']['rankme']:.1f}")
     return result
 

@@ -54,11 +54,11 @@ def evaluate_backbone(
     if "mlp" not in args.skip:
         result["mlp"], _ = probe_protocol(f, "mlp", 1.0, *probe, args.seed, groups)
     if "fewshot" not in args.skip:
-        result["fewshot"] = fewshot_protocol(f, args.shots, args.draws, args.C, args.seed)
+        result["fewshot"] = fewshot_protocol(f, args.shots, args.draws, args.C, args.seed, groups)
     if "robustness" not in args.skip:
         from sslzoo.eval.robustness import robustness_protocol
 
-        result["robustness"] = robustness_protocol(args, data, f, trained, probe)
+        result["robustness"] = robustness_protocol(args, data, f, trained, probe, groups=groups)
     if "finetune" not in args.skip:
         from sslzoo.eval.finetune import finetune_kwargs
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from sslzoo.eval.groups import group_accuracy
 from sslzoo.eval.labels import balanced_subset
 
 
@@ -33,23 +34,32 @@ def fewshot_accuracy(
     draws: int = 5,
     c: float = 1.0,
     seed: int = 0,
-) -> dict[str, dict[str, float | list[float]]]:
+    groups: tuple[torch.Tensor, list[str]] | None = None,
+) -> dict[str, dict[str, object]]:
     """For each number of shots: ``draws`` class-balanced draws of that many labeled training
     images per class (draw ``d`` uses seed ``seed + d``), a logistic regression fitted on each,
     tested on the whole test set. Returns ``{"5": {"mean", "std", "accuracies"}}`` per shot
-    count; the std is the sample standard deviation over draws (0 for one draw)."""
+    count; the std is the sample standard deviation over draws (0 for one draw). With
+    ``groups`` (group of each test image, group names), also each group's accuracy over all
+    draws."""
     test = F.normalize(test_features.float(), dim=1).numpy()
     result = {}
     for k in shots:
-        accuracies = []
+        accuracies, predictions = [], []
         for d in range(draws):
             idx = balanced_subset(train_labels, per_class=k, seed=seed + d)
             model = logistic_regression(train_features[idx], train_labels[idx], c)
             predicted = torch.as_tensor(model.predict(test))
             accuracies.append(float((predicted == test_labels).float().mean()))
+            predictions.append(predicted)
         mean = sum(accuracies) / draws
         std = (
             math.sqrt(sum((a - mean) ** 2 for a in accuracies) / (draws - 1)) if draws > 1 else 0.0
         )
         result[str(k)] = {"mean": mean, "std": std, "accuracies": accuracies}
+        if groups is not None:
+            group_of, names = groups
+            result[str(k)]["groups"] = group_accuracy(
+                torch.cat(predictions), test_labels.repeat(draws), group_of.repeat(draws), names
+            )
     return result

@@ -90,10 +90,17 @@ def probe_protocol(
 
 
 def fewshot_protocol(
-    f: Features, shots: Sequence[int] = (1, 5, 10), draws: int = 5, c: float = 1.0, seed: int = 0
+    f: Features,
+    shots: Sequence[int] = (1, 5, 10),
+    draws: int = 5,
+    c: float = 1.0,
+    seed: int = 0,
+    groups: Groups | None = None,
 ) -> dict[str, object]:
     """Logistic regression on ``shots`` labeled images per class, ``draws`` draws each."""
-    result = fewshot_accuracy(f.train, f.train_labels, f.test, f.test_labels, shots, draws, c, seed)
+    result = fewshot_accuracy(
+        f.train, f.train_labels, f.test, f.test_labels, shots, draws, c, seed, groups
+    )
     return {"shots": result, "draws": draws, "C": c}
 
 

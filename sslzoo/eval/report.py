@@ -157,6 +157,12 @@ def _groups(backbones: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
         for fraction, value in (result.get("finetune") or {}).items():
             if "groups" in value:
                 found[(f"fine-tuned {_frac(fraction)}", backbone)] = value["groups"]
+        for shots, value in (_get(result, "fewshot", "shots") or {}).items():
+            if "groups" in value:
+                found[(f"{shots}-shot", backbone)] = value["groups"]
+        for name, value in (_get(result, "robustness", "summary") or {}).items():
+            if "groups" in value:
+                found[(f"{name}, corrupted", backbone)] = value["groups"]
     return found
 
 

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from sslzoo.checkpoints import load_method
 from sslzoo.datamodules import SSLDataModule
 from sslzoo.eval.checkpoint_features import Features, unnormalized_test_images
+from sslzoo.eval.groups import group_accuracy
 from sslzoo.eval.knn import knn_predict
 from sslzoo.eval.protocols import knn_protocol, probe_protocol
 
@@ -68,18 +69,23 @@ def robustness(
     batch_size: int = 256,
     seed: int = 0,
     progress: bool = True,
+    groups: tuple[torch.Tensor, list[str]] | None = None,
 ) -> dict[str, object]:
     """Accuracy of each classifier (name -> features -> predicted labels, fitted on clean
     training features) for every corruption and severity; per classifier the mean corruption
-    accuracy (over corruptions and severities) and its drop from the clean accuracy."""
+    accuracy (over corruptions and severities) and its drop from the clean accuracy, and with
+    ``groups`` each group's accuracy over all corruptions and severities."""
     table: dict[str, dict[str, dict[str, float]]] = {name: {} for name in classifiers}
+    predictions: dict[str, list[torch.Tensor]] = {name: [] for name in classifiers}
     pairs = [(c, s) for c in corruptions for s in severities]
     for corruption, severity in tqdm(pairs, desc="corruptions", disable=not progress):
         feats = corrupted_features(
             backbone, images, corruption, severity, mean, std, device, batch_size, seed
         )
         for name, classify in classifiers.items():
-            accuracy = float((classify(feats) == labels).float().mean())
+            predicted = classify(feats)
+            predictions[name].append(predicted)
+            accuracy = float((predicted == labels).float().mean())
             table[name].setdefault(corruption, {})[str(severity)] = accuracy
     summary = {}
     for name in classifiers:
@@ -90,6 +96,14 @@ def robustness(
             "mean_corruption_accuracy": mean_accuracy,
             "drop": clean[name] - mean_accuracy,
         }
+        if groups is not None:
+            group_of, names = groups
+            summary[name]["groups"] = group_accuracy(
+                torch.cat(predictions[name]),
+                labels.repeat(len(pairs)),
+                group_of.repeat(len(pairs)),
+                names,
+            )
     return {"accuracy": table, "summary": summary}
 
 
@@ -107,6 +121,7 @@ def robustness_protocol(
     trained: bool,
     probe_settings: tuple[int, float, float],
     progress: bool = True,
+    groups: tuple[torch.Tensor, list[str]] | None = None,
 ) -> dict[str, Any]:
     """kNN (the first k, temperature) and a linear probe fitted on clean training features,
     on the test images under every corruption and severity."""
@@ -135,6 +150,7 @@ def robustness_protocol(
         data.batch_size,
         args.seed,
         progress,
+        groups,
     )
     result["left_out"] = dict(LEFT_OUT)
     for name, summary in result["summary"].items():
