@@ -25,7 +25,7 @@ import tests.test_kill_resume as kill_resume
 from sslzoo.cli import main
 from sslzoo.datamodules.images import read_image
 from sslzoo.datamodules.pack import pack_folder, resize_shorter_side
-from sslzoo.datamodules.streaming import ShardItems, StreamingImages
+from sslzoo.datamodules.shards import ShardItems, StreamingImages
 from sslzoo.errors import ConfigError
 from tests.augment_helpers import cifar_folder
 from tests.conftest import TINY_HEADS, TINY_RESNET
@@ -199,7 +199,7 @@ class RecordKNN(L.Callback):
 def test_simclr_from_shards_killed_mid_epoch_resumes_exactly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # SimCLR through the CLI on 112 packed images (7 batches of 16), one worker process; the
+    # SimCLR through the CLI on 112 packed images (7 batches of 16), no worker processes; the
     # kNN bank is the training pack, the queries an image folder
     images = cifar_folder(tmp_path / "images", per_class=56)
     pack_folder(images / "train", tmp_path / "shards")
@@ -228,7 +228,7 @@ def test_simclr_from_shards_killed_mid_epoch_resumes_exactly(
 
     monkeypatch.setattr(kill_resume, "write_config", with_knn)
     full, resumed, left = kill_resume.kill_and_resume(
-        tmp_path, simclr, 1, resumes_from=9, data=data, kill_at_step=11
+        tmp_path, simclr, 0, resumes_from=9, data=data, kill_at_step=11
     )
     loader = left["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     assert loader["current_epoch"] == 2 and loader["num_samples_yielded"] == 2 * 16

@@ -6,19 +6,12 @@ have seen next."""
 
 from __future__ import annotations
 
-import io
-import random
 import warnings
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
 from sslzoo.datamodules.base import SSLDataModule
-from sslzoo.datamodules.epoch_loader import item_seed, seed_host_generators
 from sslzoo.datamodules.folder import (
     DEFAULT_EVAL_RESIZE_RATIO,
     DEFAULT_IMAGE_SIZE,
@@ -28,17 +21,11 @@ from sslzoo.datamodules.images import (
     ImageFiles,
     Transform,
     collate_skip_none,
-    report_skipped,
     scan_folder,
 )
 from sslzoo.datamodules.pack import read_pack_record
 from sslzoo.errors import ConfigError, DataError, MissingDataError
-from sslzoo.seeding import derive_seed, global_seed
-
-try:
-    from litdata import StreamingDataLoader, StreamingDataset
-except ImportError:  # the error says what to install when a streaming set is asked for
-    StreamingDataLoader, StreamingDataset = DataLoader, Dataset  # type: ignore[assignment,misc]
+from sslzoo.seeding import global_seed
 
 
 def absolute(where: str) -> str:
@@ -51,90 +38,6 @@ def is_shard_set(where: str) -> bool:
     return "://" in where or (Path(where).expanduser() / "index.json").exists()
 
 
-def decode_sample(
-    sample: dict[str, Any], transform: Transform | None, where: str, report_file: str | None
-) -> tuple[Any, int] | None:
-    """``(transform(image), label)`` of a packed sample; None (reported) if it cannot be
-    decoded."""
-    try:
-        with Image.open(io.BytesIO(bytes(sample["image"]))) as img:
-            img.load()
-            image = img.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
-        report_skipped(report_file, f"{where}#{sample['id']} ({sample['path']})", error)
-        return None
-    return (transform(image) if transform else image), int(sample["label"])
-
-
-class StreamingImages(StreamingDataset):
-    """The packed training images, streamed: each rank and worker reads its share of the
-    shards, in an order shuffled per epoch with the global seed.
-
-    The host generators are seeded before each sample is decoded with
-    ``item_seed(epoch seed, sample id)``: its augmentation depends on (global seed, epoch,
-    sample) only, not on the worker, rank or restart that reads it. In the main process the
-    caller's generator states are put back after each sample."""
-
-    def __init__(
-        self,
-        input_dir: str,
-        transform: Transform | None,
-        report_file: str | None = None,
-        cache_dir: str | None = None,
-        seed: int = 0,
-        storage_options: dict | None = None,
-    ) -> None:
-        super().__init__(
-            input_dir, cache_dir=cache_dir, shuffle=True, seed=seed, storage_options=storage_options
-        )
-        self.image_transform = transform
-        self.report_file = report_file
-        self.where = input_dir
-
-    def __getitem__(self, index: Any) -> tuple[Any, int] | None:
-        sample = super().__getitem__(index)
-        saved = None
-        if get_worker_info() is None:
-            saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-        try:
-            seed_host_generators(
-                item_seed(derive_seed(self.seed, self.current_epoch), sample["id"])
-            )
-            return decode_sample(sample, self.image_transform, self.where, self.report_file)
-        finally:
-            if saved is not None:
-                random.setstate(saved[0])
-                np.random.set_state(saved[1])
-                torch.set_rng_state(saved[2])
-
-
-class ShardItems(Dataset):
-    """A packed labeled set read by index (the kNN bank and validation images): every rank
-    can take its own slice, as of any map-style dataset."""
-
-    def __init__(
-        self,
-        input_dir: str,
-        transform: Transform | None,
-        report_file: str | None = None,
-        cache_dir: str | None = None,
-        storage_options: dict | None = None,
-    ) -> None:
-        self.shards = StreamingDataset(
-            input_dir, cache_dir=cache_dir, storage_options=storage_options
-        )
-        self.transform = transform
-        self.report_file = report_file
-        self.where = input_dir
-
-    def __len__(self) -> int:
-        return len(self.shards)
-
-    def __getitem__(self, index: int) -> tuple[Any, int] | None:
-        sample = self.shards[index]
-        return decode_sample(sample, self.transform, self.where, self.report_file)
-
-
 class StreamingDataModule(SSLDataModule):
     """Images streamed from litdata shards written by ``sslzoo data pack``.
 
@@ -145,9 +48,9 @@ class StreamingDataModule(SSLDataModule):
 
     Under DDP or FSDP every rank streams its own shards (litdata reads the rank and world size
     from ``torch.distributed``) and each image is seen once per epoch over all ranks, except
-    at the epoch's end: with more than one rank litdata drops the samples that would give the
-    ranks unequal counts (at most ``world size x batch size`` per epoch, different ones each
-    epoch since the order is reshuffled), and each rank drops its last incomplete batch.
+    fewer than ``world size x (batch size + 1)`` at the epoch's end: with more than one rank
+    litdata drops the images that would give the ranks unequal shares, and each rank drops its
+    last incomplete batch (different images each epoch, since the order is reshuffled).
 
     The loader's position (epoch and samples read) is saved in every checkpoint;
     ``--ckpt_path`` resumes it mid-epoch with the same world size, ``num_workers`` and
@@ -191,8 +94,6 @@ class StreamingDataModule(SSLDataModule):
         device_augment: bool = False,
         compile_augment: bool = False,
     ) -> None:
-        if StreamingDataset is Dataset:
-            raise ConfigError("StreamingDataModule needs litdata: pip install 'litdata>=0.2.50'")
         record = read_pack_record(input_dir)
         if record is None and not is_shard_set(input_dir):
             raise MissingDataError(
@@ -235,6 +136,8 @@ class StreamingDataModule(SSLDataModule):
         self.num_classes = num_classes
 
     def labeled_set(self, where: str, transform: Transform) -> Dataset:
+        from sslzoo.datamodules.shards import ShardItems
+
         if is_shard_set(where):
             return ShardItems(
                 where, transform, self.report_file, self.cache_dir, self.storage_options
@@ -243,6 +146,8 @@ class StreamingDataModule(SSLDataModule):
         return ImageFiles(samples, transform, self.report_file)
 
     def build_datasets(self, views: Transform | None, eval_transform: Transform) -> None:
+        from sslzoo.datamodules.shards import StreamingImages
+
         self.train_set = StreamingImages(
             self.input_dir,
             views,
@@ -265,6 +170,8 @@ class StreamingDataModule(SSLDataModule):
             )
 
     def train_dataloader(self) -> DataLoader:
+        from litdata import StreamingDataLoader
+
         if self.train_set is None:
             raise RuntimeError("setup() has not built the training set (no method attached?)")
         # litdata gives each worker its own share, so the length Lightning warns about is right
