@@ -65,6 +65,8 @@ def how(command: str) -> tuple[str, str]:
         return "parse", "a GPU preset (accelerator: gpu)"
     if "--trainer.devices 2" in command:
         return "parse", "two processes: tests/test_fsdp.py trains this preset on CPU processes"
+    if "--data StreamingDataModule" in command:
+        return "parse", "tests/test_streaming.py trains from shards through this command's path"
     if "CompileBackbone" in command:
         return "parse", "inductor compiles for minutes on a CPU: tests/test_speed_callbacks.py"
     return "run", ""

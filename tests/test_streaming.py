@@ -91,6 +91,20 @@ def test_pack_skips_unreadable_and_drops_duplicates(source: Path, packed: Path) 
     assert record["counts"] == {"found": 53, "packed": 48, "skipped": 3, "duplicates": 2}
 
 
+def test_a_tree_with_images_at_its_top_packs_unlabeled(source: Path, tmp_path: Path) -> None:
+    from sslzoo.datamodules import StreamingDataModule
+
+    # dog/ holds images and a nested folder: no classes. copy.bmp has no twin here; again.png
+    # is nested/'s copy of 3.png
+    record = pack_folder(source / "dog", tmp_path / "dog", workers=1)
+    assert not record["labeled"] and record["classes"] == []
+    assert record["counts"] == {"found": 27, "packed": 25, "skipped": 1, "duplicates": 1}
+    shards = ShardItems(str(tmp_path / "dog"), transform=None)
+    assert {shards[i][1] for i in range(len(shards))} == {-1}
+    with pytest.raises(ConfigError, match="bank_dir is needed"):
+        StreamingDataModule(str(tmp_path / "dog"), val_dir=str(source))
+
+
 def test_packed_images_read_back_exactly(source: Path, packed: Path) -> None:
     shards = ShardItems(str(packed), transform=None)
     assert len(shards) == 48
