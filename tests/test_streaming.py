@@ -9,6 +9,7 @@ import io
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,37 @@ def test_two_ranks_read_disjoint_shares_covering_each_epoch(packed: Path, tmp_pa
     assert ranks[0][0] != ranks[0][1], "each epoch is shuffled anew"
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_restored_loader_yields_the_remaining_samples(packed: Path, workers: int) -> None:
+    # the loader's state after 5 of 12 batches of epoch 2, loaded into a new loader, gives
+    # the 7 batches the uninterrupted loader went on with, then the same epoch 3
+    from litdata import StreamingDataLoader
+
+    from sslzoo.datamodules.images import collate_skip_none
+
+    shards = ShardItems(str(packed), transform=None)
+    keys = {pixels_key(shards[i][0]): shards.shards[i]["id"] for i in range(len(shards))}
+
+    def loader() -> StreamingDataLoader:
+        dataset = StreamingImages(str(packed), T.Lambda(pixels_key), seed=0)
+        return StreamingDataLoader(dataset, batch_size=4, num_workers=workers,
+                                   collate_fn=collate_skip_none, drop_last=True)  # fmt: skip
+
+    def ids(batches: Any) -> list[int]:
+        return [keys[k] for batch, _ in batches for k in batch]
+
+    run = loader()
+    ids(run)  # epoch 1
+    epoch = iter(run)
+    seen = ids(next(epoch) for _ in range(5))
+    state = run.state_dict()
+    rest, after = ids(epoch), ids(run)
+    assert sorted(seen + rest) == list(range(48))
+    restored = loader()
+    restored.load_state_dict(state)
+    assert ids(restored) == rest and ids(restored) == after
+
+
 class RecordKNN(L.Callback):
     """Test-only: append the kNN accuracy to ``path`` after each validation."""
 
@@ -210,11 +242,26 @@ class RecordKNN(L.Callback):
             f.write(f"{float(trainer.callback_metrics['knn/val_top1'])}\n")
 
 
-def test_simclr_from_shards_killed_mid_epoch_resumes_exactly(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def with_knn(path: Path, root: Path, *setup: Any, **kill: Any) -> Path:
+    """test_kill_resume's config, validated at the end of epoch 2 with the kNN monitor, whose
+    accuracy :class:`RecordKNN` appends to ``<root>.knn``."""
+    kill_resume.write_config(path, root, *setup, **kill)
+    config = yaml.safe_load(path.read_text())
+    config["trainer"].update(limit_val_batches=1.0, check_val_every_n_epoch=2)
+    config["trainer"]["callbacks"] += [
+        {"class_path": "sslzoo.callbacks.KNNMonitor", "init_args": {"k": 5}},
+        {"class_path": "tests.test_streaming.RecordKNN",
+         "init_args": {"path": str(root) + ".knn"}},
+    ]  # fmt: skip
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_simclr_from_shards_killed_mid_epoch_resumes_exactly(tmp_path: Path) -> None:
     # SimCLR through the CLI on 112 packed images (7 batches of 16), no worker processes; the
-    # kNN bank is the training pack, the queries an image folder
+    # kNN bank is the training pack, the queries an image folder. The killed run is a child
+    # process (SIGKILL after step 11, last.ckpt of step 9); the uninterrupted run and the
+    # resume run in this process, on one thread as the child, while the child starts
     images = cifar_folder(tmp_path / "images", per_class=56)
     pack_folder(images / "train", tmp_path / "shards")
     data = {
@@ -226,26 +273,29 @@ def test_simclr_from_shards_killed_mid_epoch_resumes_exactly(
         "class_path": "sslzoo.methods.SimCLR",
         "init_args": {**TINY_RESNET, **TINY_HEADS["SimCLR"], "sync_batchnorm": False},
     }
-    write_config = kill_resume.write_config
-
-    def with_knn(path: Path, root: Path, *args: Any, **kill: Any) -> Path:
-        write_config(path, root, *args, **kill)
-        config = yaml.safe_load(path.read_text())
-        config["trainer"].update(limit_val_batches=1.0, check_val_every_n_epoch=2)
-        config["trainer"]["callbacks"] += [
-            {"class_path": "sslzoo.callbacks.KNNMonitor", "init_args": {"k": 5}},
-            {"class_path": "tests.test_streaming.RecordKNN",
-             "init_args": {"path": str(root) + ".knn"}},
-        ]  # fmt: skip
-        path.write_text(yaml.safe_dump(config))
-        return path
-
-    monkeypatch.setattr(kill_resume, "write_config", with_knn)
-    full, resumed, left = kill_resume.kill_and_resume(
-        tmp_path, simclr, 0, resumes_from=9, data=data, kill_at_step=11
+    setup = (simclr, 0, data)
+    killed_root, record = tmp_path / "killed", tmp_path / "resumed_from.txt"
+    killed = kill_resume.start(
+        with_knn(tmp_path / "killed.yaml", killed_root, *setup, kill_at_step=11),
+        tmp_path / "killed.log",
     )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main(["fit", "--config", str(with_knn(tmp_path / "full.yaml", tmp_path / "full", *setup))])
+        assert kill_resume.finish(killed, tmp_path / "killed.log") == -signal.SIGKILL
+        last = killed_root / "version_0" / "checkpoints" / "last.ckpt"
+        left = kill_resume.load(last)
+        resume = with_knn(tmp_path / "resume.yaml", killed_root, *setup, record=str(record))
+        main(["fit", "--config", str(resume), "--ckpt_path", "last"])
+    finally:
+        torch.set_num_threads(threads)
+    assert left["global_step"] == 9 and int(record.read_text()) == 9
     loader = left["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     assert loader["current_epoch"] == 2 and loader["num_samples_yielded"] == 2 * 16
+    full = kill_resume.load(tmp_path / "full" / "version_0" / "checkpoints" / "last.ckpt")
+    resumed = kill_resume.load(last)
+    assert full["global_step"] == resumed["global_step"] == kill_resume.STEPS
     kill_resume.assert_same_training_state(full, resumed)
     knn = [float(x) for x in (tmp_path / "full.knn").read_text().split()]
     assert len(knn) == 1 and 0.0 <= knn[0] <= 1.0
