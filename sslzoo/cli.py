@@ -224,6 +224,7 @@ EXTRA_COMMANDS = {
     "eval": ("sslzoo.eval.cli", "run", "kNN, probes, fine-tuning, few-shot, robustness: a report"),
     "export": ("sslzoo.export", "main", "write a checkpoint's backbone for plain timm/torchvision"),
     "report": ("sslzoo.report", "main", "plot kNN, probe and loss curves of runs"),
+    "data": ("sslzoo.datamodules.pack", "main", "pack an image folder into streaming shards"),
 }
 DESCRIPTION = (
     "Self-supervised pretraining of vision backbones. Train with the LightningCLI commands "

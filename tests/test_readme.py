@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from sslzoo.cli import main
+from tests.augment_helpers import cifar_folder
 from tests.conftest import CIFAR_ARCHIVE, REPO
 
 # appended to every `sslzoo fit` that runs: one short epoch, no worker processes
@@ -74,14 +75,19 @@ def how(command: str) -> tuple[str, str]:
         return "parse", "a GPU preset (accelerator: gpu)"
     if "--trainer.devices 2" in command:
         return "parse", "two processes: tests/test_fsdp.py trains this preset on CPU processes"
+    if "--data StreamingDataModule" in command:
+        return "parse", "tests/test_streaming.py trains from shards through this command's path"
     if "CompileBackbone" in command:
         return "parse", "inductor compiles for minutes on a CPU: tests/test_speed_callbacks.py"
     return "run", ""
 
 
-def arguments(command: str, cifar_root: str) -> list[str]:
-    """The command's words with the README's placeholders filled in."""
+def arguments(command: str, cifar_root: str, folders: dict[str, str] | None = None) -> list[str]:
+    """The command's words with the README's placeholders filled in (``folders``: ``NAME/...``
+    paths below a placeholder folder)."""
     command = command.replace("$(which sslzoo)", "sslzoo").replace("$NODE_RANK", "0")
+    for name, path in (folders or {}).items():
+        command = re.sub(rf"(?<![\w/]){name}/", f"{path}/", command)
     words = shlex.split(command)
     fill = {
         "DIR": cifar_root,
@@ -138,6 +144,10 @@ def test_every_readme_command_runs(
     (tmp_path / "groups.csv").write_text(
         "index,group\n" + "".join(f"{i},{'ab'[i % 2]}\n" for i in range(40))
     )
+    # IMAGES: a small labeled ImageFolder (train/ and val/) to pack into SHARDS
+    images = cifar_folder(tmp_path / "images", per_class=12)
+    (images / "test").rename(images / "val")
+    folders = {"IMAGES": str(images), "SHARDS": str(tmp_path / "shards")}
     commands = readme_commands()
     assert commands[:2] == ["make demo", "make test"], "the README starts with its two commands"
     seen = {"run": 0, "parse": 0}
@@ -145,7 +155,7 @@ def test_every_readme_command_runs(
         kind, why = how(command)
         if kind == "suite":
             continue
-        words = arguments(command, cifar_root)
+        words = arguments(command, cifar_root, folders)
         if command == "make demo":  # sslzoo quickstart, at a tiny budget
             run_sslzoo(["quickstart", *TINY_QUICKSTART])
         elif words[0] == "python" and words[1].startswith("benchmarks/"):
