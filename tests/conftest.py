@@ -96,3 +96,12 @@ def timm_run(tmp_path_factory: pytest.TempPathFactory) -> SSLZooCLI:
     """SimCLR on the digits (quickstart config), 2 epochs of 2 batches: one tiny trained
     checkpoint that the evaluation, export and report tests share."""
     return fit(tmp_path_factory.mktemp("timm_run"))
+
+
+@pytest.fixture(scope="session")
+def simclr_cifar(cifar_root: str, tmp_path_factory: pytest.TempPathFactory):
+    """The real-data SimCLR case (``tests/configs/real_data/simclr.yaml``, seed 0) trained
+    once: (metric, untrained accuracy, trained accuracy, the run's CLI)."""
+    from tests.real_data import SIMCLR, train_and_compare
+
+    return train_and_compare(SIMCLR, cifar_root, tmp_path_factory.mktemp("simclr_cifar"))

@@ -18,62 +18,23 @@ gain at this budget is steadier with them (see the config).
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 
-from sslzoo.callbacks import KNNMonitor
-from sslzoo.cli import SSLZooCLI
-from sslzoo.eval.features import extract_features
-from sslzoo.eval.knn import knn_accuracy
-from sslzoo.eval.probes import linear_probe_accuracy
-
-CONFIGS = sorted((Path(__file__).parent / "configs" / "real_data").glob("*.yaml"))
-
-
-def read_expectation(config: Path) -> tuple[str, float]:
-    match = re.match(r"#\s*metric:\s*(knn|linear),\s*margin:\s*([0-9.]+)", config.read_text())
-    if not match:
-        raise ValueError(f"{config} must start with '# metric: knn|linear, margin: X'")
-    return match.group(1), float(match.group(2))
-
-
-def frozen_accuracy(model, data, metric: str, k: int, temperature: float) -> float:
-    bank = extract_features(model.eval_backbone, data.knn_bank_dataloader())
-    val = extract_features(model.eval_backbone, data.val_dataloader())
-    if metric == "knn":
-        return knn_accuracy(*bank, *val, k=k, temperature=temperature)
-    return linear_probe_accuracy(*bank, *val)
-
-
-def train_and_compare(config: Path, cifar_root: str, root_dir: Path, seed: int = 0):
-    """(metric, untrained accuracy, trained accuracy) for one config and seed."""
-    metric, _ = read_expectation(config)
-    cli = SSLZooCLI(
-        args=[
-            "--config", str(config),
-            "--data.root", cifar_root,
-            "--trainer.default_root_dir", str(root_dir),
-            "--seed_everything", str(seed),
-        ],
-        run=False,
-    )  # fmt: skip
-    model, data, trainer = cli.model, cli.datamodule, cli.trainer
-    knn = next((c for c in trainer.callbacks if isinstance(c, KNNMonitor)), KNNMonitor())
-    k, temperature = knn.protocols[0]
-    data.build_datasets(None, data.eval_transform())
-    before = frozen_accuracy(model, data, metric, k, temperature)
-    trainer.fit(model, datamodule=data)
-    after = frozen_accuracy(model, data, metric, k, temperature)
-    return metric, before, after
+from tests.real_data import CONFIGS, SIMCLR, read_expectation, train_and_compare
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
-def test_trained_beats_untrained(config: Path, cifar_root: str, tmp_path: Path) -> None:
+def test_trained_beats_untrained(
+    config: Path, cifar_root: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     metric, margin = read_expectation(config)
-    _, before, after = train_and_compare(config, cifar_root, tmp_path)
+    if config == SIMCLR:  # trained once for every test that starts from it
+        _, before, after, _ = request.getfixturevalue("simclr_cifar")
+    else:
+        _, before, after, _ = train_and_compare(config, cifar_root, tmp_path)
     print(f"{config.stem}: {metric} untrained {before:.3f} -> trained {after:.3f}")
     assert after >= before + margin, f"{metric}: untrained {before:.3f}, trained {after:.3f}"
 

@@ -1,0 +1,54 @@
+"""Train a real-data case (``tests/configs/real_data/*.yaml``) and measure its backbone before
+and after, shared by the real-data tests and the tests that start from a trained backbone."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from sslzoo.callbacks import KNNMonitor
+from sslzoo.cli import SSLZooCLI
+from sslzoo.eval.features import extract_features
+from sslzoo.eval.knn import knn_accuracy
+from sslzoo.eval.probes import linear_probe_accuracy
+
+CONFIGS = sorted((Path(__file__).parent / "configs" / "real_data").glob("*.yaml"))
+SIMCLR = Path(__file__).parent / "configs" / "real_data" / "simclr.yaml"
+
+
+def read_expectation(config: Path) -> tuple[str, float]:
+    match = re.match(r"#\s*metric:\s*(knn|linear),\s*margin:\s*([0-9.]+)", config.read_text())
+    if not match:
+        raise ValueError(f"{config} must start with '# metric: knn|linear, margin: X'")
+    return match.group(1), float(match.group(2))
+
+
+def frozen_accuracy(model, data, metric: str, k: int, temperature: float) -> float:
+    bank = extract_features(model.eval_backbone, data.knn_bank_dataloader())
+    val = extract_features(model.eval_backbone, data.val_dataloader())
+    if metric == "knn":
+        return knn_accuracy(*bank, *val, k=k, temperature=temperature)
+    return linear_probe_accuracy(*bank, *val)
+
+
+def train_and_compare(config: Path, cifar_root: str, root_dir: Path, seed: int = 0):
+    """(metric, untrained accuracy, trained accuracy, the run's CLI) for one config and
+    seed."""
+    metric, _ = read_expectation(config)
+    cli = SSLZooCLI(
+        args=[
+            "--config", str(config),
+            "--data.root", cifar_root,
+            "--trainer.default_root_dir", str(root_dir),
+            "--seed_everything", str(seed),
+        ],
+        run=False,
+    )  # fmt: skip
+    model, data, trainer = cli.model, cli.datamodule, cli.trainer
+    knn = next((c for c in trainer.callbacks if isinstance(c, KNNMonitor)), KNNMonitor())
+    k, temperature = knn.protocols[0]
+    data.build_datasets(None, data.eval_transform())
+    before = frozen_accuracy(model, data, metric, k, temperature)
+    trainer.fit(model, datamodule=data)
+    after = frozen_accuracy(model, data, metric, k, temperature)
+    return metric, before, after, cli
