@@ -343,3 +343,15 @@ def test_fsdp2_preset_composes_with_the_dinov2_configs(capsys: pytest.CaptureFix
     printed = capsys.readouterr().out
     assert "FSDP2Strategy" in printed and "reshard_after_forward: false" in printed
     assert "sslzoo.methods.dinov2.DINOv2" in printed and "sinkhorn_knopp" in printed
+
+
+def test_model_help_documents_every_argument() -> None:
+    import inspect
+
+    from tests.test_method_arguments import description, entries, help_text
+
+    documented = entries(help_text("--model.help", "DINOv2"))
+    for name in inspect.signature(DINOv2.__init__).parameters:
+        if name not in ("self", "views", "optim"):
+            (entry,) = documented[f"--model.{name}"]
+            assert description(entry), entry

@@ -49,8 +49,8 @@ from sslzoo.nn.vit import (
     vit_backbone_kwargs,
     vit_tokens,
 )
+from sslzoo.optim.clipping import clip_grad_norm_per_part
 from sslzoo.optim.layer_decay import layer_decay_groups
-from sslzoo.optim.optimizers import decay_groups, split_decay
 from sslzoo.optim.schedules import teacher_temp_at
 from sslzoo.optim.settings import Optimization
 
@@ -80,7 +80,10 @@ class DINOv2(SSLMethod):
         head_layers: Linear layers of the DINO head's MLP.
         separate_head: patch tokens go through a head of their own (the ``ibot_*`` sizes);
             False: through the DINO head.
-        ibot_out_dim, ibot_hidden_dim, ibot_bottleneck_dim, ibot_head_layers: the patch head.
+        ibot_out_dim: prototypes of the separate patch head.
+        ibot_hidden_dim: width of the separate patch head's hidden layers.
+        ibot_bottleneck_dim: bottleneck of the separate patch head.
+        ibot_head_layers: Linear layers of the separate patch head's MLP.
         mask_sample_probability: fraction of the global crops that are masked.
         mask_ratio_min_max: range of the masked fraction, stratified over the masked crops.
         centering: teacher targets by ``centering`` (a running centre of momentum
@@ -206,18 +209,11 @@ class DINOv2(SSLMethod):
         hp, wd = self.hparams, self.optim.weight_decay
         stem = [("mask_token", self.mask_token)]
         groups = layer_decay_groups(self.backbone.model, wd, hp.layerwise_decay,
-                                    hp.patch_embed_lr_mult, stem)  # fmt: skip
+                                    hp.patch_embed_lr_mult, stem, "backbone_")  # fmt: skip
         for name in ("head", "ibot_head"):
-            head = getattr(self, name)
-            if head is None:
-                continue
-            for last in (False, True):
-                params = [(n, p) for n, p in head.named_parameters()
-                          if n.startswith("last_layer") == last]  # fmt: skip
-                tag = f"{name}_last_" if last else f"{name}_"
-                for g in decay_groups(*split_decay(params), wd, prefix=tag):
-                    groups.append({**g, "lr_scale": 1.0, "last_layer": last})
-        return [g for g in groups if g["params"]]
+            if getattr(self, name) is not None:
+                groups += layer_decay_groups(getattr(self, name), wd, 1.0, prefix=f"{name}_")
+        return groups
 
     # ----------------------------------------------------------------- schedules
     @property
@@ -250,10 +246,7 @@ class DINOv2(SSLMethod):
     ) -> None:
         """``clip_grad_norm_`` of each student module on its own, then the trainer's own."""
         if self.hparams.clip_grad > 0:
-            for params in self.student_parts():
-                grads = [p for p in params if p.grad is not None]
-                if grads:
-                    torch.nn.utils.clip_grad_norm_(grads, self.hparams.clip_grad)
+            clip_grad_norm_per_part(self.student_parts(), self.hparams.clip_grad)
         if gradient_clip_val:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
