@@ -49,7 +49,9 @@ TINY: dict[str, dict[str, Any]] = {
         **TINY_VIT, **HEAD, patch_out_dim=32, views=IBOT_VIEWS.replace(local_crops_number=2)
     ),
     "DINOv2": dict(
-        **TINY_VIT, **HEAD, official_epoch_length=None,
+        **TINY_VIT,
+        **HEAD,
+        official_epoch_length=None,
         views=DINOV2_VIEWS.replace(local_crops_number=2),
     ),  # fmt: skip
     "MAE": dict(**TINY_VIT, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2),
