@@ -123,12 +123,15 @@ def build_method(name: str, devices: int = WORLD) -> SSLMethod:
                     optim=ibot.OPTIM.replace(**common))  # fmt: skip
     if name == "dinov2":
         # Sinkhorn-Knopp targets (sums over both ranks, the masked-patch count all-reduced);
-        # KoLeo, which DINOv2 computes on each rank's own images, off
+        # KoLeo, which DINOv2 computes on each rank's own images, off; no LayerScale: with
+        # gamma 1e-5 every image's [CLS] feature is the same to 1e-5, and the online probe's
+        # BatchNorm would blow the runs' float noise up to a different probe
         return ImageMaskedDINOv2(**TINY_VIT, out_dim=16, hidden_dim=16, bottleneck_dim=8,
                                  separate_head=True, ibot_out_dim=12, ibot_hidden_dim=16,
                                  ibot_bottleneck_dim=8, centering="sinkhorn_knopp",
                                  koleo_loss_weight=0.0, drop_path_rate=0.0,
                                  num_register_tokens=1, official_epoch_length=None,
+                                 layerscale=None,
                                  views=dinov2.VIEWS.replace(local_crops_number=2,
                                                             local_crop_size=SMALL),
                                  freeze_last_layer=0, momentum_teacher=0.9,

@@ -267,7 +267,7 @@ def test_training_step_is_ssl_meta_arch_forward_backward() -> None:
         q_patch = official_sinkhorn(t_patch, temp, int(masks.sum())).float()
     student = vit_tokens(model.backbone.model, torch.cat(views[:2]), masks, model.mask_token)
     s_global = model.head(student[:, 0])
-    s_local = model.head(torch.cat([model.backbone(v) for v in views[2:]]))
+    s_local = model.head(torch.cat([vit_tokens(model.backbone.model, v)[:, 0] for v in views[2:]]))
 
     def ce(t, s):
         return -(t * F.log_softmax(s / 0.1, dim=-1)).sum(-1).mean()

@@ -67,7 +67,9 @@ class DINOv2(SSLMethod):
     """DINOv2 with the official (facebookresearch/dinov2 ``ssl_default_config.yaml``) defaults,
     on a timm ViT (ViT-S/14 ``vit_small_patch14_dinov2`` at ``img_size`` 224) whose blocks
     carry LayerScale and stochastic depth of the same rate in every block. Evaluation uses
-    the teacher backbone.
+    the teacher backbone. Known differences: timm's DropPath drops each sample with the rate
+    (DINOv2 keeps exactly (1 - rate) of the batch per branch above rate 0.1), and feed-forward
+    layers are the backbone's own (no SwiGLU option); fp16 is the trainer's ``precision``.
 
     Args:
         dino_loss_weight: weight of the [CLS] loss.
@@ -280,7 +282,8 @@ class DINOv2(SSLMethod):
         s_cls = s_tokens[:, 0]
         student_cls = list(self.head(s_cls).chunk(2))
         if n_local:
-            local = torch.cat(forward_multicrop(self.backbone, views[2:]))
+            local_cls = lambda x: vit_tokens(self.backbone.model, x)[:, 0]  # noqa: E731
+            local = torch.cat(forward_multicrop(local_cls, views[2:]))
             student_cls += list(self.head(local).chunk(n_local))
         pairs = 2 * (len(views) - 1)
         loss_dino = cross_view_loss(student_cls, cls_targets, hp.student_temp) * pairs
