@@ -19,16 +19,30 @@ from unittest import mock
 import lightning as L
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from sslzoo.callbacks import KNNMonitor, OnlineProbe
 from sslzoo.distributed import consecutive_groups
-from sslzoo.methods import barlowtwins, byol, dino, ibot, mae, mocov3, simclr, simsiam, swav, vicreg
+from sslzoo.methods import (
+    barlowtwins,
+    byol,
+    dino,
+    dinov2,
+    ibot,
+    mae,
+    mocov3,
+    simclr,
+    simsiam,
+    swav,
+    vicreg,
+)
 from sslzoo.methods.barlowtwins import BarlowTwins
 from sslzoo.methods.base import SSLMethod
 from sslzoo.methods.byol import BYOL
 from sslzoo.methods.dino import DINO
+from sslzoo.methods.dinov2 import DINOv2
 from sslzoo.methods.ibot import IBOT
 from sslzoo.methods.mae import MAE
 from sslzoo.methods.mocov3 import MoCoV3
@@ -48,6 +62,7 @@ BANK_SIZE = 20
 VAL_SIZE = 13  # odd: DistributedSampler pads rank 1's validation shard with a repeat
 METHODS = (
     "simclr", "mocov3", "byol", "simsiam", "swav", "dino", "ibot", "mae", "barlowtwins", "vicreg",
+    "dinov2",
 )  # fmt: skip
 TWO_VIEWS = ("simclr", "mocov3", "byol", "simsiam", "barlowtwins", "vicreg")
 IMAGE, SMALL = 16, 8
@@ -106,6 +121,21 @@ def build_method(name: str, devices: int = WORLD) -> SSLMethod:
                     views=ibot.VIEWS.replace(local_crops_number=2, local_crop_size=SMALL),
                     freeze_last_layer=0, momentum_teacher=0.9,
                     optim=ibot.OPTIM.replace(**common))  # fmt: skip
+    if name == "dinov2":
+        # Sinkhorn-Knopp targets (sums over both ranks, the masked-patch count all-reduced);
+        # KoLeo, which DINOv2 computes on each rank's own images, off; no LayerScale: with
+        # gamma 1e-5 every image's [CLS] feature is the same to 1e-5, and the online probe's
+        # BatchNorm would blow the runs' float noise up to a different probe
+        return ImageMaskedDINOv2(**TINY_VIT, out_dim=16, hidden_dim=16, bottleneck_dim=8,
+                                 separate_head=True, ibot_out_dim=12, ibot_hidden_dim=16,
+                                 ibot_bottleneck_dim=8, centering="sinkhorn_knopp",
+                                 koleo_loss_weight=0.0, drop_path_rate=0.0,
+                                 num_register_tokens=1, official_epoch_length=None,
+                                 layerscale=None,
+                                 views=dinov2.VIEWS.replace(local_crops_number=2,
+                                                            local_crop_size=SMALL),
+                                 freeze_last_layer=0, momentum_teacher=0.9,
+                                 optim=dinov2.OPTIM.replace(**common))  # fmt: skip
     if name == "mae":
         return ImageMaskedMAE(**TINY_VIT, decoder_embed_dim=16, decoder_depth=1,
                               decoder_num_heads=2, optim=mae.OPTIM.replace(**common))  # fmt: skip
@@ -132,6 +162,15 @@ class ImageMaskedMAE(MAE):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with mock.patch.object(torch, "rand", lambda *_, **__: x[..., 0].detach()):
             return super().random_masking(x, mask_ratio)
+
+
+class ImageMaskedDINOv2(DINOv2):
+    """DINOv2 whose masks are a function of each image (its patches of positive mean first
+    channel) instead of a draw per rank's batch, so 2 ranks and 1 process mask alike."""
+
+    def draw_masks(self, global_views: torch.Tensor) -> torch.Tensor:
+        patch = self.views.patch_size
+        return F.avg_pool2d(global_views[:, :1], patch).flatten(1) > 0
 
 
 def view_sizes(name: str) -> list[int]:

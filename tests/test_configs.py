@@ -98,6 +98,7 @@ def test_cifar10_simclr_is_the_simclr_readme_cifar_command(labeled_folder: Path)
 OFFICIAL_IMAGENET_BATCH = {
     "simclr": 4096, "byol": 4096, "mocov3": 4096, "mocov3_vit": 4096, "simsiam": 512,
     "swav": 256, "dino": 1024, "ibot": 1024, "mae": 4096, "barlowtwins": 2048, "vicreg": 2048,
+    "dinov2_vits14": 2048, "dinov2_vitb14": 2048, "dinov2_vitl14": 3072,
 }  # fmt: skip
 
 

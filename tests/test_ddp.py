@@ -50,6 +50,8 @@ KEY_TENSORS = {
     "simsiam": ["predictor.0.weight", "projector.7.running_var"],
     "ibot": ["criterion.center", "criterion.center2", "teacher_head.mlp.0.weight",
              "masked_embed"],
+    "dinov2": ["mask_token", "ibot_head.last_layer.parametrizations.weight.original1",
+               "teacher_ibot_head.last_layer.parametrizations.weight.original1"],
     "mae": ["decoder_pred.weight", "mask_token", "backbone.model.blocks.0.attn.qkv.weight"],
     "barlowtwins": ["projector.0.weight", "projector.1.bias", "backbone.model.bn1.running_var"],
     "vicreg": ["expander.0.weight", "expander.1.bias", "backbone.model.bn1.running_var"],
@@ -187,7 +189,7 @@ def test_ddp_matches_single_process(
     assert (ref["world_size"], r0["world_size"], r1["world_size"]) == (1, 2, 2)
     # every BatchNorm is the CPU SyncBatchNorm in the 2-rank run (the ViT methods have none)
     assert r0["sync_bn_layers"] == r0["batchnorm_layers"]
-    vits = ("dino", "ibot", "mae")
+    vits = ("dino", "ibot", "mae", "dinov2")
     assert (r0["sync_bn_layers"] > 0) == (name not in vits) and ref["sync_bn_layers"] == 0
     # the two ranks' batches of each step are the single process's batch
     for step, batch in enumerate(ref["batches"]):

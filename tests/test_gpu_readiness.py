@@ -28,6 +28,7 @@ from sslzoo.callbacks import CompileBackbone
 from sslzoo.datamodules import DigitsDataModule
 from sslzoo.methods.base import declared_default
 from sslzoo.methods.dino import VIEWS as DINO_VIEWS
+from sslzoo.methods.dinov2 import VIEWS as DINOV2_VIEWS
 from sslzoo.methods.ibot import VIEWS as IBOT_VIEWS
 from tests.conftest import SMALL_SWAV, TINY_HEADS, TINY_RESNET
 from tests.helpers import digits, quiet_trainer
@@ -47,6 +48,12 @@ TINY: dict[str, dict[str, Any]] = {
     "IBOT": dict(
         **TINY_VIT, **HEAD, patch_out_dim=32, views=IBOT_VIEWS.replace(local_crops_number=2)
     ),
+    "DINOv2": dict(
+        **TINY_VIT,
+        **HEAD,
+        official_epoch_length=None,
+        views=DINOV2_VIEWS.replace(local_crops_number=2),
+    ),  # fmt: skip
     "MAE": dict(**TINY_VIT, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2),
 }
 

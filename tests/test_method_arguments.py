@@ -25,7 +25,8 @@ from sslzoo.optim.settings import Optimization
 from tests.conftest import TINY_RESNET
 
 METHODS = [
-    "SimCLR", "MoCoV3", "BYOL", "SimSiam", "SwAV", "DINO", "IBOT", "MAE", "BarlowTwins", "VICReg",
+    "SimCLR", "MoCoV3", "BYOL", "SimSiam", "SwAV", "DINO", "DINOv2", "IBOT", "MAE", "BarlowTwins",
+    "VICReg",
 ]  # fmt: skip
 TINY_VIT = dict(
     backbone="vit_tiny_patch16_224",
@@ -43,7 +44,7 @@ OTHER: dict[str, tuple[Any, ...]] = dict(
 
 
 def arch(name: str) -> dict[str, Any]:
-    return TINY_VIT if name in ("DINO", "IBOT", "MAE") else TINY_RESNET
+    return TINY_VIT if name in ("DINO", "DINOv2", "IBOT", "MAE") else TINY_RESNET
 
 
 def official(name: str) -> tuple[Views, Optimization]:

@@ -48,6 +48,7 @@ GPU_PRESETS = (
     "configs/trainer/ddp.yaml",
     "configs/trainer/fsdp.yaml",
     "configs/trainer/fsdp2.yaml",
+    "configs/trainer/fsdp2_shard_grad_op.yaml",
 )
 
 

@@ -40,6 +40,9 @@ TINY: dict[str, dict[str, Any]] = {
              "warmup_teacher_temp_epochs": 1, "views": LOCAL, "optim": SGD},
     "IBOT": {**TINY_VIT, **HEAD, "patch_out_dim": 32, "drop_path_rate": 0.1,
              "warmup_teacher_temp_epochs": 1, "views": LOCAL, "optim": SGD},
+    "DINOv2": {**TINY_VIT, **HEAD, "drop_path_rate": 0.1, "num_register_tokens": 1,
+               "official_epoch_length": None, "warmup_teacher_temp_epochs": 1,
+               "freeze_last_layer": 1, "views": LOCAL, "optim": SGD},
     "MAE": {**TINY_VIT, "decoder_embed_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2,
             "optim": SGD},
 }  # fmt: skip

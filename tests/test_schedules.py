@@ -92,7 +92,7 @@ def test_linspace_warmup_is_dinos_cosine_scheduler(warmup: int) -> None:
 def test_methods_whose_official_schedule_uses_linspace_warm_up_that_way() -> None:
     names = [name for name in methods.__all__ if name != "SSLMethod"]
     linspace = {name for name in names if getattr(methods, name).linspace_warmup}
-    assert linspace == {"DINO", "IBOT", "SwAV"}
+    assert linspace == {"DINO", "DINOv2", "IBOT", "SwAV"}
     for model, peak_step in (
         (methods.SwAV(**SMALL_SWAV, optim=SWAV_OPTIM.replace(start_warmup_lr=0.0)), 4),
         (methods.SimCLR(**TINY_RESNET, sync_batchnorm=False), 5),

@@ -1,5 +1,6 @@
 """Patch masks for masked image modelling, drawn per image: iBOT's (BEiT's block masking), and
-the multi-crop views that carry one mask per global crop, for PIL and device views alike."""
+the multi-crop views that carry one mask per global crop, for PIL and device views alike; and
+DINOv2's masks, drawn per batch (:func:`stratified_masks`)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ class MaskGenerator:
     ``(min(H, W) // 3) ** 2`` and aspect ratio log-uniform in ``pred_aspect_ratio``, added until
     the target is reached or nothing fits); ``rand``: exactly ``int(ratio * H * W)`` patches.
     Draws from Python's generator (seeded per item by the training loader) or a given one.
+
+    ``min_block_patches`` / ``max_block_fraction``: DINOv2's ``MaskingGenerator`` draws each
+    block's area from at least 4 patches (instead of ``(min(H, W) // 3) ** 2``) and at most
+    half the grid (instead of no limit but the target).
     """
 
     def __init__(
@@ -36,6 +41,8 @@ class MaskGenerator:
         pred_ratio_var: float | Sequence[float] = 0.0,
         pred_shape: PredShape = "block",
         pred_aspect_ratio: tuple[float, float] = (0.3, 1 / 0.3),
+        min_block_patches: int | None = None,
+        max_block_fraction: float | None = None,
     ) -> None:
         ratios = [float(r) for r in np.atleast_1d(pred_ratio)]
         variances = [float(v) for v in np.atleast_1d(pred_ratio_var)]
@@ -50,6 +57,8 @@ class MaskGenerator:
         self.ratios, self.variances = ratios, variances
         self.pred_shape = pred_shape
         self.log_aspect_ratio = tuple(math.log(a) for a in pred_aspect_ratio)
+        self.min_block_patches = min_block_patches
+        self.max_block_fraction = max_block_fraction
 
     def sample_ratio(self, rng: random.Random | None = None) -> float:
         rng = rng or random
@@ -68,16 +77,21 @@ class MaskGenerator:
             mask = np.zeros(height * width, dtype=bool)
             mask[rng.sample(range(height * width), int(high))] = True
             return torch.from_numpy(mask.reshape(height, width))
-        return torch.from_numpy(self._block_mask(height, width, high, rng))
+        return torch.from_numpy(self.block_mask(height, width, high, rng))
 
-    def _block_mask(self, height: int, width: int, high: float, rng: Any) -> np.ndarray:
+    def block_mask(self, height: int, width: int, high: float, rng: Any) -> np.ndarray:
+        """BEiT's block masking of a (height, width) grid until ``high`` patches are masked
+        or no block fits."""
         mask = np.zeros((height, width), dtype=bool)
         mask_count = 0
+        low = self.min_block_patches
+        low = (min(height, width) // 3) ** 2 if low is None else low
+        cap = math.inf if self.max_block_fraction is None else self.max_block_fraction
+        cap *= height * width
         while mask_count < high:
-            max_mask_patches = high - mask_count
+            max_mask_patches = min(high - mask_count, cap)
             delta = 0
             for _ in range(10):
-                low = (min(height, width) // 3) ** 2
                 target_area = rng.uniform(low, max_mask_patches)
                 aspect_ratio = math.exp(rng.uniform(*self.log_aspect_ratio))
                 h = int(round(math.sqrt(target_area * aspect_ratio)))
@@ -96,6 +110,33 @@ class MaskGenerator:
                 break
             mask_count += delta
         return mask
+
+
+def stratified_masks(
+    count: int,
+    grid: tuple[int, int],
+    ratio_range: tuple[float, float],
+    probability: float,
+    generator: MaskGenerator,
+    rng: random.Random | None = None,
+) -> torch.Tensor:
+    """DINOv2's masks of a batch (``collate_data_and_cast``): ``int(count * probability)`` of
+    the ``count`` images are masked, the i-th with ``int(N * U(p_i, p_(i+1)))`` block-masked
+    patches for ``p = linspace(*ratio_range, masked + 1)`` (the ratios stratified over the
+    batch), the others not at all; the masks are then shuffled. (count, H * W) booleans."""
+    rng = rng or random
+    height, width = grid
+    masked = int(count * probability)
+    bounds = torch.linspace(*ratio_range, masked + 1).tolist()
+    masks = [
+        generator.block_mask(
+            height, width, int(height * width * rng.uniform(bounds[i], bounds[i + 1])), rng
+        )
+        for i in range(masked)
+    ]
+    masks += [np.zeros((height, width), dtype=bool)] * (count - masked)
+    rng.shuffle(masks)
+    return torch.from_numpy(np.stack(masks)).flatten(1)
 
 
 class MultiCropWithMasks:

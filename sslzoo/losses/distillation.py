@@ -1,14 +1,21 @@
 """Self-distillation losses: the student matches the teacher's centred, sharpened
 distribution over prototypes, across views (DINO) and on masked patch tokens (iBOT). Each loss
-owns its centres, updated from the teacher's outputs over the global batch."""
+owns its centres, updated from the teacher's outputs over the global batch; DINOv2's teacher
+targets come by centring or by Sinkhorn-Knopp (:class:`TeacherTargets`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sslzoo.distributed import world_size
+from sslzoo.losses.swapped import distributed_sinkhorn
+
+Centering = Literal["centering", "sinkhorn_knopp"]
 
 
 @torch.no_grad()
@@ -170,3 +177,79 @@ class MaskedSelfDistillationLoss(nn.Module):
         patch_means = torch.cat([t.float().mean(dim=1) for t in teacher_patch])
         update_center(self.center2, global_batch_mean(patch_means)[None], self.center_momentum2)
         return self.lambda1 * loss_cls, self.lambda2 * loss_patch
+
+
+@torch.no_grad()
+def rank_averaged_mean(x: torch.Tensor) -> torch.Tensor:
+    """Each rank's mean of ``x`` over dim 0, averaged over the ranks (DINOv2's centre update:
+    the all-reduced sum of the per-rank means over the world size); keeps dim 0 with size 1.
+    The global mean when every rank holds as many rows; a rank with none counts as zeros."""
+    mean = x.float().sum(dim=0, keepdim=True) / max(x.shape[0], 1)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(mean)
+    return mean / world_size()
+
+
+@torch.no_grad()
+def global_count(x: torch.Tensor) -> torch.Tensor:
+    """The number of rows of ``x`` summed over every rank, as a tensor on its device."""
+    count = torch.full((), x.shape[0], dtype=torch.float32, device=x.device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(count)
+    return count
+
+
+class TeacherTargets(nn.Module):
+    """DINOv2's teacher targets of one head: ``centering`` (softmax of the outputs minus a
+    running centre, over the temperature; the centre then moves towards this step's
+    :func:`rank_averaged_mean` with ``center_momentum``) or ``sinkhorn_knopp`` (Sinkhorn-Knopp
+    over the outputs of every rank, ``sinkhorn_iterations`` times, with the all-reduced row
+    count as B; the centre is then unused).
+
+    Args:
+        out_dim: dimension K of the head outputs.
+        centering: ``centering`` or ``sinkhorn_knopp``.
+        center_momentum: momentum of the running centre.
+        sinkhorn_iterations: Sinkhorn-Knopp iterations.
+    """
+
+    def __init__(
+        self,
+        out_dim: int,
+        centering: Centering = "centering",
+        center_momentum: float = 0.9,
+        sinkhorn_iterations: int = 3,
+    ) -> None:
+        super().__init__()
+        if centering not in ("centering", "sinkhorn_knopp"):
+            raise ValueError(f"centering must be centering or sinkhorn_knopp, not {centering!r}")
+        self.centering = centering
+        self.center_momentum = center_momentum
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    @torch.no_grad()
+    def forward(self, teacher_out: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Targets (rows of ``teacher_out`` (M, K), each a distribution over K)."""
+        if self.centering == "sinkhorn_knopp":
+            batch = global_count(teacher_out)
+            return distributed_sinkhorn(teacher_out, temperature, self.sinkhorn_iterations, batch)
+        probs = teacher_probs(teacher_out, self.center, temperature)
+        update_center(self.center, rank_averaged_mean(teacher_out), self.center_momentum)
+        return probs
+
+
+def masked_tokens_loss(
+    student_masked: torch.Tensor,
+    teacher_targets: torch.Tensor,
+    masks: torch.Tensor,
+    student_temp: float,
+) -> torch.Tensor:
+    """DINOv2's ``forward_masked``: cross-entropy of the masked tokens' student outputs (M, K)
+    against their targets, each token weighted by one over its image's masked count, summed
+    and divided by the number of images of ``masks`` (images, tokens), unmasked ones included:
+    the mean over images of each image's mean over its masked tokens."""
+    log_p = F.log_softmax(student_masked.float() / student_temp, dim=-1)
+    ce = torch.sum(-teacher_targets * log_p, dim=-1)
+    weights = (1.0 / masks.sum(dim=-1).clamp(min=1)).unsqueeze(-1).expand_as(masks)[masks]
+    return (ce * weights).sum() / masks.shape[0]

@@ -14,16 +14,25 @@ from sslzoo.distributed import world_size
 
 
 @torch.no_grad()
-def distributed_sinkhorn(out: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
+def distributed_sinkhorn(
+    out: torch.Tensor,
+    epsilon: float,
+    iterations: int,
+    batch: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Codes Q (B x K) of prototype scores ``out`` (B x K) by Sinkhorn-Knopp, as in
-    ``main_swav.py``: rows of Q^T are scaled to 1/K, columns to 1/B, ``iterations`` times.
+    ``main_swav.py`` (and DINOv2's ``sinkhorn_knopp_teacher``): rows of Q^T are scaled to
+    1/K, columns to 1/B, ``iterations`` times.
 
     Under torch.distributed the total and the row sums are all-reduced, so the
-    equipartition constraint covers the global batch (B = local rows x world size).
+    equipartition constraint covers the global batch: B is the local rows x world size, or
+    ``batch``, the global row count, where ranks hold different numbers of rows (DINOv2's
+    masked patches: the all-reduced count).
     """
     q = torch.exp(out.float() / epsilon).t()
     world = world_size()
-    num_prototypes, batch = q.shape[0], q.shape[1] * world
+    num_prototypes = q.shape[0]
+    batch = q.shape[1] * world if batch is None else batch
 
     total = q.sum()
     if world > 1:

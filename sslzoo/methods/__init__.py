@@ -4,6 +4,7 @@ from sslzoo.methods.barlowtwins import BarlowTwins
 from sslzoo.methods.base import SSLMethod
 from sslzoo.methods.byol import BYOL
 from sslzoo.methods.dino import DINO
+from sslzoo.methods.dinov2 import DINOv2
 from sslzoo.methods.ibot import IBOT
 from sslzoo.methods.mae import MAE
 from sslzoo.methods.mocov3 import MoCoV3
@@ -16,6 +17,7 @@ __all__ = [
     "BYOL",
     "BarlowTwins",
     "DINO",
+    "DINOv2",
     "IBOT",
     "MAE",
     "MoCoV3",

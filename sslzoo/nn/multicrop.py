@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 
-def forward_multicrop(module: nn.Module, views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def forward_multicrop(
+    module: nn.Module | Callable[[torch.Tensor], torch.Tensor], views: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
     """Run ``module`` once per run of consecutive same-resolution views (DINO's
     ``MultiCropWrapper``, SwAV's grouping by crop size) and split the output back per view."""
     outputs: list[torch.Tensor] = []

@@ -38,12 +38,32 @@ def interpolate_pos_encoding(
 
 
 def _dino_pos_embed(self: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
-    """timm's ``_pos_embed`` for a ViT with a class token, no register tokens and a position
-    embedding for the class token too (DINO's layout), with DINO's interpolation."""
+    """timm's ``_pos_embed`` in DINO's layout: a position embedding for the class token and
+    the patches, with DINO's interpolation; register tokens, if any, go right after the class
+    token with no position embedding (DINOv2's ``prepare_tokens_with_masks``)."""
     batch, height, width, dim = x.shape
-    pos_embed = interpolate_pos_encoding(self.pos_embed, height, width, self.num_prefix_tokens)
+    pos_embed = interpolate_pos_encoding(self.pos_embed, height, width, 1)
     x = torch.cat([self.cls_token.expand(batch, -1, -1), x.reshape(batch, -1, dim)], dim=1)
-    return self.pos_drop(x + pos_embed)
+    x = x + pos_embed
+    if self.reg_token is not None:
+        x = torch.cat([x[:, :1], self.reg_token.expand(batch, -1, -1), x[:, 1:]], dim=1)
+    return self.pos_drop(x)
+
+
+def dino_pos_embed_setup(vit: nn.Module) -> None:
+    """Give a timm ViT with a class token that takes crops of any size (``dynamic_img_size``)
+    and embeds the class token's position (not ``no_embed_class``) DINO's position-embedding
+    layout and interpolation; its register tokens lose the position embedding rows timm gives
+    them (DINOv2's registers have none)."""
+    if not isinstance(vit, VisionTransformer) or vit.cls_token is None:
+        return
+    if not vit.dynamic_img_size or vit.no_embed_class:
+        return
+    if vit.reg_token is not None:
+        rows = vit.pos_embed.detach()
+        kept = torch.cat([rows[:, :1], rows[:, vit.num_prefix_tokens :]], dim=1)
+        vit.pos_embed = nn.Parameter(kept)
+    vit._pos_embed = types.MethodType(_dino_pos_embed, vit)
 
 
 def dino_vit_setup(vit: nn.Module) -> None:
@@ -53,8 +73,17 @@ def dino_vit_setup(vit: nn.Module) -> None:
     if not isinstance(vit, VisionTransformer) or vit.cls_token is None:
         return
     nn.init.trunc_normal_(vit.cls_token, std=0.02)
-    if vit.dynamic_img_size and vit.reg_token is None and not vit.no_embed_class:
-        vit._pos_embed = types.MethodType(_dino_pos_embed, vit)
+    if vit.reg_token is None:
+        dino_pos_embed_setup(vit)
+
+
+def uniform_drop_path(vit: nn.Module, rate: float) -> None:
+    """Stochastic depth of the same ``rate`` in every block's two residual branches (DINOv2's
+    ``drop_path_uniform``), where timm's rate rises linearly from 0 over the blocks."""
+    for block in getattr(vit, "blocks", []):
+        for name in ("drop_path1", "drop_path2"):
+            if hasattr(block, name):
+                setattr(block, name, DropPath(rate) if rate > 0 else nn.Identity())
 
 
 def sincos_2d(

@@ -3,7 +3,7 @@ does."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -18,3 +18,13 @@ def clip_gradients_per_parameter(parameters: Iterable[torch.Tensor], clip: float
     norms = torch._foreach_norm(grads, 2.0)
     scales = [(clip / (n + 1e-6)).clamp(max=1.0) for n in norms]
     torch._foreach_mul_(grads, scales)
+
+
+@torch.no_grad()
+def clip_grad_norm_per_part(parts: Sequence[Iterable[torch.Tensor]], clip: float) -> None:
+    """``clip_grad_norm_`` of each part's gradients on its own (DINOv2 clips its backbone and
+    each head separately, ``clip_grad_norm_`` of each FSDP student module)."""
+    for part in parts:
+        params = [p for p in part if p.grad is not None]
+        if params:
+            torch.nn.utils.clip_grad_norm_(params, clip)
