@@ -53,6 +53,7 @@ KEY_TENSORS = {
     "mae": ["decoder_pred.weight", "mask_token", "backbone.model.blocks.0.attn.qkv.weight"],
     "barlowtwins": ["projector.0.weight", "projector.1.bias", "backbone.model.bn1.running_var"],
     "vicreg": ["expander.0.weight", "expander.1.bias", "backbone.model.bn1.running_var"],
+    "distillation": ["projection.weight", "backbone.model.bn1.running_var"],
 }  # fmt: skip
 
 

@@ -4,6 +4,7 @@ from sslzoo.methods.barlowtwins import BarlowTwins
 from sslzoo.methods.base import SSLMethod
 from sslzoo.methods.byol import BYOL
 from sslzoo.methods.dino import DINO
+from sslzoo.methods.distillation import Distillation
 from sslzoo.methods.ibot import IBOT
 from sslzoo.methods.mae import MAE
 from sslzoo.methods.mocov3 import MoCoV3
@@ -16,6 +17,7 @@ __all__ = [
     "BYOL",
     "BarlowTwins",
     "DINO",
+    "Distillation",
     "IBOT",
     "MAE",
     "MoCoV3",
