@@ -45,7 +45,9 @@ def randomised(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def timm_vit(name: str, img_size: int, **kwargs: Any) -> torch.nn.Module:
-    return randomised(timm.create_model(name, num_classes=0, img_size=img_size, **VIT, **kwargs))
+    return randomised(
+        timm.create_model(name, num_classes=0, img_size=img_size, **{**VIT, **kwargs})
+    )
 
 
 def dinov2_state(vit: torch.nn.Module, chunks: int = 0) -> dict[str, torch.Tensor]:
