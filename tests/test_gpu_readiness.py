@@ -48,6 +48,12 @@ TINY: dict[str, dict[str, Any]] = {
         **TINY_VIT, **HEAD, patch_out_dim=32, views=IBOT_VIEWS.replace(local_crops_number=2)
     ),
     "MAE": dict(**TINY_VIT, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2),
+    "Distillation": dict(
+        **TINY_RESNET,
+        teacher=TINY_VIT["backbone"],
+        teacher_kwargs=TINY_VIT["backbone_kwargs"],
+        n_teacher_blocks=1,
+    ),
 }
 
 
