@@ -229,8 +229,8 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 def test_freeze_backbone_steps_trains_the_heads_alone_first(tmp_path: Path) -> None:
     """DINO trained 3 steps with ``freeze_backbone_steps=2`` from a file: the backbone and
-    teacher start as the file, the backbone stays so for 2 steps (weight decay on) and moves
-    at the third, the head moves from the first."""
+    teacher start as the file, the backbone stays so for 2 steps (weight decay on), and so
+    does its EMA teacher, and moves at the third; the head moves from the first."""
     source = randomised(DINO(**TINY_VIT, **DINO_HEAD).backbone.model)
     path = tmp_path / "vit.pth"
     torch.save(source.state_dict(), path)
@@ -247,4 +247,7 @@ def test_freeze_backbone_steps_trains_the_heads_alone_first(tmp_path: Path) -> N
     assert same(start["backbone"], steps[0]["backbone"])
     assert same(start["backbone"], steps[1]["backbone"])
     assert not same(start["backbone"], steps[2]["backbone"])
+    # the EMA of an unchanged student that started as the teacher leaves the teacher as it is
+    for key, value in steps[1]["teacher"].items():
+        torch.testing.assert_close(value, start["backbone"][key], msg=key)
     assert not same(start["head"], steps[0]["head"])
