@@ -58,7 +58,8 @@ def how(command: str) -> tuple[str, str]:
         return "suite", "this test suite is what make test runs"
     if command.startswith("wget "):
         return "download", "released weights: no network here"
-    configs = "".join((REPO / c).read_text() for c in re.findall(r"--config (\S+)", command))
+    named = [REPO / c for c in re.findall(r"--config (\S+)", command)]
+    configs = "".join(c.read_text() for c in named if c.is_file())
     if "_pretrain.pth" in command + configs or "--model.teacher_weights runs/" in command:
         return "parse", "released weights (tests/test_pretrained.py loads files in their naming)"
     if command.startswith(("torchrun", "srun")):
