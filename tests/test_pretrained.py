@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
 from sslzoo.errors import MissingDataError
-from sslzoo.methods import BYOL, DINO
+from sslzoo.methods import BYOL, DINO, IBOT, MoCoV3
 from sslzoo.methods import dino as dino_recipe
 from sslzoo.pretrained import PretrainedWeightsError
 from tests.conftest import TINY_HEADS, TINY_RESNET
@@ -125,6 +125,22 @@ def test_dinov2_hub_naming_lands_every_tensor(tmp_path: Path, name: str, chunks:
     for key, value in model.teacher_backbone.state_dict().items():
         assert torch.equal(value, model.backbone.state_dict()[key]), key
     assert all(torch.equal(v, model.head.state_dict()[k]) for k, v in head.items())
+
+
+def test_ibot_and_mocov3_start_student_and_teacher_from_the_file(tmp_path: Path) -> None:
+    """The base class loads for every method: iBOT (its own ViT forward), MoCo v3 (sin-cos
+    position embeddings and a frozen patch projection set up after the backbone is built)."""
+    source = timm_vit("vit_small_patch14_dinov2", 28)
+    path = tmp_path / "dinov2.pth"
+    torch.save(dinov2_state(source), path)
+    arch = {"backbone": "vit_small_patch14_dinov2", "init_backbone": str(path),
+            "backbone_kwargs": {"img_size": 28, **VIT}}  # fmt: skip
+    ibot = IBOT(**arch, out_dim=16, patch_out_dim=16, hidden_dim=16, bottleneck_dim=8)
+    moco = MoCoV3(**arch, moco_dim=8, moco_mlp_dim=16)
+    for model, teacher in ((ibot, ibot.teacher_backbone), (moco, moco.momentum_backbone)):
+        model.load_init_backbone()
+        for vit in (model.backbone, teacher):
+            torch.testing.assert_close(features(vit, 28), features(source, 28))
 
 
 def test_position_embeddings_are_resampled_to_the_image_size(tmp_path: Path) -> None:
