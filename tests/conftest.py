@@ -101,7 +101,8 @@ def timm_run(tmp_path_factory: pytest.TempPathFactory) -> SSLZooCLI:
 @pytest.fixture(scope="session")
 def simclr_cifar(cifar_root: str, tmp_path_factory: pytest.TempPathFactory):
     """The real-data SimCLR case (``tests/configs/real_data/simclr.yaml``, seed 0) trained
-    once: (metric, untrained accuracy, trained accuracy, the run's CLI)."""
+    once a session (:class:`tests.real_data.TrainedCase`): the real-data test checks it,
+    fine-tuning and Distillation start from it."""
     from tests.real_data import SIMCLR, train_and_compare
 
     return train_and_compare(SIMCLR, cifar_root, tmp_path_factory.mktemp("simclr_cifar"))

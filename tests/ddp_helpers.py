@@ -30,6 +30,7 @@ from sslzoo.methods import (
     byol,
     dino,
     dinov2,
+    distillation,
     ibot,
     mae,
     mocov3,
@@ -37,12 +38,13 @@ from sslzoo.methods import (
     simsiam,
     swav,
     vicreg,
-)
+)  # fmt: skip
 from sslzoo.methods.barlowtwins import BarlowTwins
 from sslzoo.methods.base import SSLMethod
 from sslzoo.methods.byol import BYOL
 from sslzoo.methods.dino import DINO
 from sslzoo.methods.dinov2 import DINOv2
+from sslzoo.methods.distillation import Distillation
 from sslzoo.methods.ibot import IBOT
 from sslzoo.methods.mae import MAE
 from sslzoo.methods.mocov3 import MoCoV3
@@ -63,6 +65,7 @@ VAL_SIZE = 13  # odd: DistributedSampler pads rank 1's validation shard with a r
 METHODS = (
     "simclr", "mocov3", "byol", "simsiam", "swav", "dino", "ibot", "mae", "barlowtwins", "vicreg",
     "dinov2",
+    "distillation",
 )  # fmt: skip
 TWO_VIEWS = ("simclr", "mocov3", "byol", "simsiam", "barlowtwins", "vicreg")
 IMAGE, SMALL = 16, 8
@@ -150,6 +153,13 @@ def build_method(name: str, devices: int = WORLD) -> SSLMethod:
         return VICReg(**TINY_RESNET, **TINY_HEADS["VICReg"],
                       optim=vicreg.OPTIM.replace(**{**common, "lr": 0.01}),
                       sync_batchnorm=True)  # fmt: skip
+    if name == "distillation":
+        # a frozen tiny ViT teacher; no mixup, whose permutation is within each rank's batch;
+        # the MSE's small gradients take a larger step to move the projection measurably
+        return Distillation(**TINY_RESNET, teacher=TINY_VIT["backbone"],
+                            teacher_kwargs=TINY_VIT["backbone_kwargs"], mixup=False,
+                            optim=distillation.OPTIM.replace(**{**common, "lr": 0.5}),
+                            sync_batchnorm=True)  # fmt: skip
     raise ValueError(name)
 
 
@@ -176,7 +186,7 @@ class ImageMaskedDINOv2(DINOv2):
 def view_sizes(name: str) -> list[int]:
     """Side of every view: 2 views for the two-view methods, MAE's one, 2 global + 2 small for
     the multi-crop methods."""
-    if name == "mae":
+    if name in ("mae", "distillation"):
         return [IMAGE]
     return [IMAGE, IMAGE] if name in TWO_VIEWS else [IMAGE, IMAGE, SMALL, SMALL]
 

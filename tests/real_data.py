@@ -4,6 +4,7 @@ and after, shared by the real-data tests and the tests that start from a trained
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from sslzoo.callbacks import KNNMonitor
@@ -31,9 +32,22 @@ def frozen_accuracy(model, data, metric: str, k: int, temperature: float) -> flo
     return linear_probe_accuracy(*bank, *val)
 
 
-def train_and_compare(config: Path, cifar_root: str, root_dir: Path, seed: int = 0):
-    """(metric, untrained accuracy, trained accuracy, the run's CLI) for one config and
-    seed."""
+@dataclass
+class TrainedCase:
+    """A real-data case after training: its metric before and after, the run, a checkpoint."""
+
+    metric: str
+    before: float
+    after: float
+    cli: SSLZooCLI
+    checkpoint: Path
+
+
+def train_and_compare(
+    config: Path, cifar_root: str, root_dir: Path, seed: int = 0, extra: tuple[str, ...] = ()
+) -> TrainedCase:
+    """Train one config at one seed (``extra``: more command-line arguments), measuring its
+    metric before and after; the trained run is saved as ``root_dir/<config>.ckpt``."""
     metric, _ = read_expectation(config)
     cli = SSLZooCLI(
         args=[
@@ -41,6 +55,7 @@ def train_and_compare(config: Path, cifar_root: str, root_dir: Path, seed: int =
             "--data.root", cifar_root,
             "--trainer.default_root_dir", str(root_dir),
             "--seed_everything", str(seed),
+            *extra,
         ],
         run=False,
     )  # fmt: skip
@@ -51,4 +66,7 @@ def train_and_compare(config: Path, cifar_root: str, root_dir: Path, seed: int =
     before = frozen_accuracy(model, data, metric, k, temperature)
     trainer.fit(model, datamodule=data)
     after = frozen_accuracy(model, data, metric, k, temperature)
-    return metric, before, after, cli
+    root_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = root_dir / f"{config.stem}.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    return TrainedCase(metric, before, after, cli, checkpoint)

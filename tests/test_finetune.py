@@ -242,6 +242,6 @@ MARGIN = 0.006
 
 @pytest.mark.slow
 def test_pretrained_simclr_beats_untrained_on_cifar(cifar_root: str, simclr_cifar) -> None:
-    before, after = finetune_pair(simclr_cifar[-1].model, cifar_root, seed=0)
+    before, after = finetune_pair(simclr_cifar.cli.model, cifar_root, seed=0)
     print(f"fine-tuned on 10% of the labels: untrained {before:.3f}, pretrained {after:.3f}")
     assert after >= before + MARGIN, (before, after)

@@ -8,10 +8,10 @@ checkpointing changes nothing, bf16 compute keeps masters, centre, optimizer sta
 BatchNorm in fp32, and a sharded checkpoint saves, loads, resumes to the uninterrupted run and
 consolidates into one file. SwAV (tiny ResNet: LARS, prototype normalisation, queue,
 BatchNorm), iBOT (a parameter outside any submodule, ViT internals), DINOv2 (the same, with
-per-module clipping and layer-wise decay groups), MAE (a nested forward) and
-the two-view methods (SimCLR, MoCo v3, BYOL, SimSiam, Barlow Twins, VICReg: EMA teachers, LARS,
-frozen biases): half of the parameters per rank, and equal to a 2-process DDP run, evaluation
-features too.
+per-module clipping and layer-wise decay groups), MAE (a nested forward), Distillation (a
+frozen teacher in inference mode) and the two-view methods (SimCLR, MoCo v3, BYOL, SimSiam,
+Barlow Twins, VICReg: EMA teachers, LARS, frozen biases): half of the parameters per rank, and
+equal to a 2-process DDP run, evaluation features too.
 
 One 2-process job (this file run as a script) writes its results to a folder; the
 single-process reference runs in the test process on the same data.
@@ -37,8 +37,9 @@ if str(REPO) not in sys.path:  # run as a script by the launcher below
 
 import sslzoo.methods as methods  # noqa: E402
 from sslzoo.callbacks.ema import ema_update  # noqa: E402
-from sslzoo.methods import dino, dinov2, ibot, mae, swav  # noqa: E402
+from sslzoo.methods import dino, dinov2, distillation, ibot, mae, swav  # noqa: E402
 from sslzoo.methods.dino import DINO  # noqa: E402
+from sslzoo.methods.distillation import Distillation  # noqa: E402
 from sslzoo.methods.ibot import IBOT  # noqa: E402
 from sslzoo.methods.mae import MAE  # noqa: E402
 from sslzoo.methods.swav import SwAV  # noqa: E402
@@ -147,6 +148,16 @@ def tiny_mae() -> MAE:
     )
 
 
+def tiny_distillation() -> Distillation:
+    """Distillation: a frozen ViT teacher (run in inference mode, its internals called) into
+    a ResNet student; no mixup, whose permutation is within each rank's batch."""
+    torch.manual_seed(0)
+    return Distillation(
+        **TINY_RESNET, teacher=TINY_VIT["backbone"], teacher_kwargs=TINY_VIT["backbone_kwargs"],
+        mixup=False, sync_batchnorm=False, optim=distillation.OPTIM.replace(warmup_epochs=1),
+    )  # fmt: skip
+
+
 class MaskedViews(FixedViews):
     """iBOT's batch: the views and a fixed random block of masked patches per global view."""
 
@@ -191,6 +202,7 @@ def tiny_two_view(name: str) -> Any:
 AGAINST_DDP = {"swav": (tiny_swav, FixedViews), "ibot": (tiny_ibot, MaskedViews)}
 AGAINST_DDP["mae"] = (tiny_mae, OneView)
 AGAINST_DDP["dinov2"] = (tiny_dinov2, FixedViews)
+AGAINST_DDP["distillation"] = (tiny_distillation, OneView)
 AGAINST_DDP.update({name.lower(): (tiny_two_view(name), TwoViews) for name in TINY_HEADS})
 
 

@@ -55,6 +55,12 @@ TINY: dict[str, dict[str, Any]] = {
         views=DINOV2_VIEWS.replace(local_crops_number=2),
     ),  # fmt: skip
     "MAE": dict(**TINY_VIT, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2),
+    "Distillation": dict(
+        **TINY_RESNET,
+        teacher=TINY_VIT["backbone"],
+        teacher_kwargs=TINY_VIT["backbone_kwargs"],
+        n_teacher_blocks=1,
+    ),
 }
 
 

@@ -34,6 +34,7 @@ from sslzoo.methods.base import SSLMethod
 from sslzoo.methods.byol import BYOL
 from sslzoo.methods.dino import DINO
 from sslzoo.methods.dino import VIEWS as DINO_VIEWS
+from sslzoo.methods.distillation import Distillation
 from sslzoo.methods.ibot import IBOT
 from sslzoo.methods.ibot import VIEWS as IBOT_VIEWS
 from sslzoo.methods.mae import MAE
@@ -348,6 +349,16 @@ METHODS: dict[str, tuple[Callable[[], SSLMethod], Callable[[], Any]]] = {
     ),
     "mae": (
         lambda: MAE(**TINY_VIT, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2),
+        single,
+    ),
+    "distillation": (
+        lambda: Distillation(
+            **TINY_RESNET,
+            teacher=TINY_VIT["backbone"],
+            teacher_kwargs=TINY_VIT["backbone_kwargs"],
+            n_teacher_blocks=1,
+            sync_batchnorm=False,
+        ),
         single,
     ),
 }

@@ -26,7 +26,7 @@ from tests.conftest import TINY_RESNET
 
 METHODS = [
     "SimCLR", "MoCoV3", "BYOL", "SimSiam", "SwAV", "DINO", "DINOv2", "IBOT", "MAE", "BarlowTwins",
-    "VICReg",
+    "VICReg", "Distillation",
 ]  # fmt: skip
 TINY_VIT = dict(
     backbone="vit_tiny_patch16_224",
@@ -44,6 +44,9 @@ OTHER: dict[str, tuple[Any, ...]] = dict(
 
 
 def arch(name: str) -> dict[str, Any]:
+    if name == "Distillation":  # a tiny teacher in place of DINOv2's ViT-B/14
+        return {**TINY_RESNET, "teacher": TINY_VIT["backbone"],
+                "teacher_kwargs": TINY_VIT["backbone_kwargs"]}  # fmt: skip
     return TINY_VIT if name in ("DINO", "DINOv2", "IBOT", "MAE") else TINY_RESNET
 
 

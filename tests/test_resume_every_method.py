@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from sslzoo.cli import SSLZooCLI
 from tests.conftest import TINY_HEADS, TINY_RESNET
@@ -45,8 +46,25 @@ TINY: dict[str, dict[str, Any]] = {
                "freeze_last_layer": 1, "views": LOCAL, "optim": SGD},
     "MAE": {**TINY_VIT, "decoder_embed_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2,
             "optim": SGD},
+    "Distillation": {**TINY_RESNET, "teacher": TINY_VIT["backbone"],
+                     "teacher_kwargs": TINY_VIT["backbone_kwargs"], "n_teacher_blocks": 1,
+                     "optim": SGD},
 }  # fmt: skip
-RESNETS = (*TINY_HEADS, "SwAV")
+RESNETS = (*TINY_HEADS, "SwAV", "Distillation")
+
+
+def released_weights(folder: Path) -> dict[str, Any]:
+    """Distillation's teacher and student from weights files, the student frozen until step
+    7: the resumed run (from step 6) must unfreeze it at the same step."""
+    from sslzoo.backbones import build_backbone
+
+    paths = {"teacher_weights": folder / "teacher.pth", "init_backbone": folder / "student.pth"}
+    tiny = TINY["Distillation"]
+    teacher = build_backbone(tiny["teacher"], **tiny["teacher_kwargs"]).model
+    student = build_backbone(tiny["backbone"], cifar_stem=True, **tiny["backbone_kwargs"]).model
+    for key, model in (("teacher_weights", teacher), ("init_backbone", student)):
+        torch.save(model.state_dict(), paths[key])
+    return {**{k: str(v) for k, v in paths.items()}, "freeze_backbone_steps": 7}
 
 
 def test_every_method_is_here() -> None:
@@ -62,6 +80,8 @@ def fit(config: Path, *extra: str) -> None:
 @pytest.mark.parametrize("name", list(TINY))
 def test_mid_epoch_checkpoint_resumes_exactly(name: str, tmp_path: Path) -> None:
     init_args = {**TINY[name], "sync_batchnorm": False} if name in RESNETS else TINY[name]
+    if name == "Distillation":
+        init_args = {**init_args, **released_weights(tmp_path)}
     model = {"class_path": f"sslzoo.methods.{name}", "init_args": init_args}
     config = write_config(
         tmp_path / "config.yaml", tmp_path / "runs", model, num_workers=0,

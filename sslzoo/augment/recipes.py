@@ -11,7 +11,8 @@ views; the datamodule builds them from the recipe with its own image size and no
         views:
           color_jitter_strength: 0.5
 
-Families: :class:`TwoViews` (SimCLR, BYOL, MoCo v3, SimSiam, Barlow Twins, VICReg),
+Families: :class:`TwoViews` (SimCLR, BYOL, MoCo v3, SimSiam, Barlow Twins, VICReg) and its
+:class:`OneView` (Distillation),
 :class:`MultiCropViews` (SwAV's groups of crops), :class:`GlobalLocalViews` (DINO's two global
 and N local crops; :class:`MaskedGlobalLocalViews` adds iBOT's patch masks) and
 :class:`SingleView` (MAE).
@@ -178,6 +179,18 @@ class TwoViews(Views):
                 for b, s in zip(self.blur_prob, self.solarize_prob, strict=True)
             ]
         )
+
+
+@dataclass(frozen=True)
+class OneView(TwoViews):
+    """One view with the steps of :class:`TwoViews` and the first view's blur and
+    solarisation (feature distillation: teacher and student see the same view)."""
+
+    def pil(self, image_size: int, mean: Stats, std: Stats) -> Transform:
+        return MultiViewTransform(super().pil(image_size, mean, std).transforms[:1])
+
+    def device(self, image_size: int, mean: Stats, std: Stats) -> nn.Module:
+        return DeviceViews(super().device(image_size, mean, std).recipes[:1])
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from sslzoo.methods.base import SSLMethod
 from sslzoo.methods.byol import BYOL
 from sslzoo.methods.dino import DINO
 from sslzoo.methods.dinov2 import DINOv2
+from sslzoo.methods.distillation import Distillation
 from sslzoo.methods.ibot import IBOT
 from sslzoo.methods.mae import MAE
 from sslzoo.methods.mocov3 import MoCoV3
@@ -18,6 +19,7 @@ __all__ = [
     "BarlowTwins",
     "DINO",
     "DINOv2",
+    "Distillation",
     "IBOT",
     "MAE",
     "MoCoV3",

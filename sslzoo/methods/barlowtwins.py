@@ -58,6 +58,9 @@ class BarlowTwins(SSLMethod):
             ``resnet50(zero_init_residual=True)`` officially).
         sync_batchnorm: synchronise BatchNorm across devices, the loss's BatchNorm included
             (``convert_sync_batchnorm`` officially).
+        init_backbone: a weights file the backbone (and its teachers) start from: see
+            :class:`~sslzoo.methods.base.SSLMethod`.
+        freeze_backbone_steps: first optimizer steps that train the heads only.
     """
 
     def __init__(
@@ -72,10 +75,13 @@ class BarlowTwins(SSLMethod):
         cifar_stem: bool = False,
         zero_init_residual: bool = True,
         sync_batchnorm: bool = True,
+        init_backbone: str | None = None,
+        freeze_backbone_steps: int = 0,
     ) -> None:
         super().__init__(
-            backbone, backbone_kwargs, cifar_stem, zero_init_residual, sync_batchnorm, views, optim
-        )
+            backbone, backbone_kwargs, cifar_stem, zero_init_residual, sync_batchnorm, views, optim,
+            init_backbone, freeze_backbone_steps,
+        )  # fmt: skip
         self.projector = mlp([self.backbone.num_features, *projector_dims])
         self.criterion = CrossCorrelationLoss(projector_dims[-1], lambd)
 

@@ -27,6 +27,7 @@ from sslzoo.nn.teachers import TeacherUpdate
 from sslzoo.optim.optimizers import build_optimizer, decay_groups, split_decay
 from sslzoo.optim.schedules import warmup_cosine
 from sslzoo.optim.settings import Optimization, as_settings
+from sslzoo.pretrained import load_backbone_weights
 
 NONFINITE_CHECK_EVERY = 25  # training batches between checks for a non-finite loss
 
@@ -66,6 +67,14 @@ class SSLMethod(L.LightningModule):
             official one. The datamodule builds the views from it.
         optim: the optimisation settings (:class:`~sslzoo.optim.settings.Optimization`); each
             method's default is its official recipe.
+        init_backbone: a weights file the backbone starts from, in DINOv2's or DINOv3's
+            released naming, timm's, ``sslzoo export``'s, or an sslzoo checkpoint
+            (:mod:`sslzoo.pretrained`); loaded when training starts, into the backbone and
+            every teacher copy of it, position embeddings resampled to the image size. Heads
+            start new. A resumed run reads the file too, then takes the checkpoint's weights.
+        freeze_backbone_steps: optimizer steps, from the first, during which only the heads
+            train: the backbone's gradients are dropped, so it gets no update and no weight
+            decay (its BatchNorm statistics, if any, still follow the data).
     """
 
     # the warmup's ramp reaches the peak at its last step (np.linspace) rather than the next
@@ -80,6 +89,8 @@ class SSLMethod(L.LightningModule):
         sync_batchnorm: bool = False,
         views: Views = Views(),
         optim: Optimization = Optimization(),
+        init_backbone: str | None = None,
+        freeze_backbone_steps: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -90,6 +101,10 @@ class SSLMethod(L.LightningModule):
         for name in ("views", "optim"):
             self.hparams[name] = dataclasses.asdict(getattr(self, name))
         self.sync_batchnorm = sync_batchnorm
+        if freeze_backbone_steps < 0:
+            raise ValueError(f"freeze_backbone_steps must be >= 0, not {freeze_backbone_steps}")
+        self.init_backbone = init_backbone
+        self.freeze_backbone_steps = freeze_backbone_steps
         self._backbone_arguments = (backbone, backbone_kwargs, cifar_stem, zero_init_residual)
         self.backbone: Backbone = self.new_backbone()
         self.criterion: nn.Module | None = None  # the loss; each method sets its own
@@ -111,6 +126,29 @@ class SSLMethod(L.LightningModule):
             )
         zero_init = given if chosen is None else chosen
         return build_backbone(name, cifar_stem=cifar_stem, zero_init_residual=zero_init, **kwargs)
+
+    @torch.no_grad()
+    def load_init_backbone(self) -> None:
+        """Load :attr:`init_backbone` into the backbone, then copy it into every teacher of
+        the backbone (:meth:`teacher_pairs`), so teachers start as the student."""
+        if self.init_backbone is None:
+            return
+        load_backbone_weights(self.backbone.model, self.init_backbone)
+        for student, teacher in self.teacher_pairs():
+            if student is self.backbone:
+                teacher.load_state_dict(student.state_dict())
+
+    def backbone_frozen(self) -> bool:
+        """Whether this optimizer step leaves the backbone as it is (the first
+        ``freeze_backbone_steps``): a function of the step, so a resumed run agrees."""
+        return self.global_step < self.freeze_backbone_steps
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop the backbone's gradients while it is frozen: optimizers skip parameters
+        without a gradient (no update, no weight decay, no moment update)."""
+        if self.backbone_frozen():
+            for p in self.backbone.parameters():
+                p.grad = None
 
     # ----------------------------------------------------------------- method contract
     def teacher_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
@@ -226,10 +264,13 @@ class SSLMethod(L.LightningModule):
         shard_method(self, self.device_mesh, getattr(strategy, "sharding_config", ShardingConfig()))
 
     def setup(self, stage: str) -> None:
-        """Synchronise BatchNorm over all ranks when asked to and training on several: torch's
+        """Load :attr:`init_backbone` before training (a resumed run's checkpoint then replaces
+        it), and synchronise BatchNorm over all ranks when asked to and training on several: torch's
         SyncBatchNorm on CUDA, :class:`sslzoo.nn.sync_batchnorm.SyncBatchNorm` elsewhere."""
         from sslzoo.nn.sync_batchnorm import convert_sync_batchnorm
 
+        if stage == "fit":
+            self.load_init_backbone()
         if self.sync_batchnorm and self.trainer.world_size > 1:
             group = self.sync_batchnorm_group()
             convert_sync_batchnorm(self, group, device=self.trainer.strategy.root_device)

@@ -65,6 +65,9 @@ class BYOL(SSLMethod):
         zero_init_residual: zero-initialised last BN of each residual block (haiku's ResNet-50
             blocks do it: pass true for torchvision ResNets).
         sync_batchnorm: synchronise BatchNorm across devices (``cross_replica_axis``).
+        init_backbone: a weights file the backbone (and its teachers) start from: see
+            :class:`~sslzoo.methods.base.SSLMethod`.
+        freeze_backbone_steps: first optimizer steps that train the heads only.
     """
 
     def __init__(
@@ -81,10 +84,13 @@ class BYOL(SSLMethod):
         cifar_stem: bool = False,
         zero_init_residual: bool | None = None,
         sync_batchnorm: bool = True,
+        init_backbone: str | None = None,
+        freeze_backbone_steps: int = 0,
     ) -> None:
         super().__init__(
-            backbone, backbone_kwargs, cifar_stem, zero_init_residual, sync_batchnorm, views, optim
-        )
+            backbone, backbone_kwargs, cifar_stem, zero_init_residual, sync_batchnorm, views, optim,
+            init_backbone, freeze_backbone_steps,
+        )  # fmt: skip
         dim = self.backbone.num_features
         self.projector = byol_mlp(dim, projector_hidden_dim, projector_out_dim)
         self.predictor = byol_mlp(projector_out_dim, predictor_hidden_dim, projector_out_dim)

@@ -103,6 +103,9 @@ class DINO(SSLMethod):
             solarisation 0.2 on the second global crop).
         optim: AdamW 5e-4 per 256 images, weight decay 0.04 rising to 0.4 on a cosine (not on
             biases and 1-D parameters), warmup 10 epochs, cosine to 1e-6.
+        init_backbone: a weights file the backbone (and its teachers) start from: see
+            :class:`~sslzoo.methods.base.SSLMethod`.
+        freeze_backbone_steps: first optimizer steps that train the heads only.
     """
 
     linspace_warmup = True  # utils.cosine_scheduler warms up with np.linspace (iBOT's too)
@@ -131,11 +134,14 @@ class DINO(SSLMethod):
         cifar_stem: bool = False,
         zero_init_residual: bool | None = None,
         sync_batchnorm: bool = True,
+        init_backbone: str | None = None,
+        freeze_backbone_steps: int = 0,
     ) -> None:
         kwargs = vit_backbone_kwargs(backbone, backbone_kwargs, drop_path_rate)
         super().__init__(
-            backbone, kwargs, cifar_stem, zero_init_residual, sync_batchnorm, views, optim
-        )
+            backbone, kwargs, cifar_stem, zero_init_residual, sync_batchnorm, views, optim,
+            init_backbone, freeze_backbone_steps,
+        )  # fmt: skip
         if self.views.patch_size is None:  # local crops (and masks) align to the patches
             self.views = self.views.replace(patch_size=patch_size_of(self.backbone))
         check_local_crops(self.backbone, self.views)
@@ -216,6 +222,7 @@ class DINO(SSLMethod):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Drop the last layer's gradients during the first ``freeze_last_layer`` epochs
         (``utils.cancel_gradients_last_layer``): AdamW then leaves it untouched."""
+        super().on_before_optimizer_step(optimizer)
         if self.epoch < self.hparams.freeze_last_layer:
             for layer in self.last_layers():
                 for p in layer.parameters():

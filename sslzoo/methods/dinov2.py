@@ -112,6 +112,9 @@ class DINOv2(SSLMethod):
             rounded to the patch size, DINO's colour steps.
         optim: AdamW, 0.004 x sqrt(batch / 1024) (``lr`` 0.004 / 32 with ``sqrt`` scaling),
             weight decay 0.04 -> 0.4 on a cosine, warmup 10 epochs, cosine to 1e-6.
+        init_backbone: a weights file the backbone (and its teacher) start from, e.g. a
+            released DINOv2 backbone: see :class:`~sslzoo.methods.base.SSLMethod`.
+        freeze_backbone_steps: first optimizer steps that train the heads only.
     """
 
     linspace_warmup = True  # CosineScheduler warms up with np.linspace
@@ -152,6 +155,8 @@ class DINOv2(SSLMethod):
         optim: Optimization = OPTIM,
         backbone: str = "vit_small_patch14_dinov2",
         backbone_kwargs: dict[str, Any] | None = None,
+        init_backbone: str | None = None,
+        freeze_backbone_steps: int = 0,
     ) -> None:
         if not is_timm_vit(backbone):
             raise ValueError(f"DINOv2 needs a timm VisionTransformer backbone, not {backbone!r}")
@@ -159,7 +164,10 @@ class DINOv2(SSLMethod):
         kwargs.setdefault("img_size", 224)  # global_crops_size (timm's DINOv2 ViTs: 518)
         kwargs.setdefault("init_values", layerscale)
         kwargs.setdefault("reg_tokens", num_register_tokens)
-        super().__init__(backbone, kwargs, views=views, optim=optim)
+        super().__init__(
+            backbone, kwargs, views=views, optim=optim, init_backbone=init_backbone,
+            freeze_backbone_steps=freeze_backbone_steps,
+        )  # fmt: skip
         if self.views.patch_size is None:  # local crops align to the patches
             self.views = self.views.replace(patch_size=patch_size_of(self.backbone))
         check_local_crops(self.backbone, self.views)

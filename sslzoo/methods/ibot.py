@@ -120,6 +120,9 @@ class IBOT(DINO):
             block mask per global crop of ratio 0.3 (``pred_ratio``, ``pred_ratio_var``,
             ``pred_shape``, ``pred_aspect_ratio``: main_ibot.py's masking arguments).
         optim: as DINO's (AdamW 5e-4 per 256 images, wd 0.04 -> 0.4, warmup 10 epochs).
+        init_backbone: a weights file the backbone (and its teachers) start from: see
+            :class:`~sslzoo.methods.base.SSLMethod`.
+        freeze_backbone_steps: first optimizer steps that train the heads only.
     """
 
     # FSDP2: the ViT internals are called directly, not the backbone's forward, so backbones
@@ -156,6 +159,8 @@ class IBOT(DINO):
         optim: Optimization = OPTIM,
         backbone: str = "vit_small_patch16_224",
         backbone_kwargs: dict[str, Any] | None = None,
+        init_backbone: str | None = None,
+        freeze_backbone_steps: int = 0,
     ) -> None:
         if not is_timm_vit(backbone):
             raise ValueError(f"iBOT needs a timm VisionTransformer backbone, not {backbone!r}")
@@ -172,6 +177,7 @@ class IBOT(DINO):
             student_temp=student_temp, center_momentum=center_momentum, clip_grad=clip_grad,
             freeze_last_layer=freeze_last_layer, drop_path_rate=drop_path_rate, views=views,
             optim=optim, backbone=backbone, backbone_kwargs=backbone_kwargs,
+            init_backbone=init_backbone, freeze_backbone_steps=freeze_backbone_steps,
         )  # fmt: skip
         # only with masked image modelling: a parameter without gradient stops DDP
         self.masked_embed = (

@@ -67,6 +67,9 @@ class MAE(SSLMethod):
         backbone_kwargs: backbone constructor arguments (``img_size``, ``patch_size``, ...).
         views: the official view: a bicubic crop of at least 20% of the image, a flip.
         optim: AdamW (0.9, 0.95), blr 1.5e-4 per 256 images, wd 0.05, warmup 40 epochs.
+        init_backbone: a weights file the backbone (and its teachers) start from: see
+            :class:`~sslzoo.methods.base.SSLMethod`.
+        freeze_backbone_steps: first optimizer steps that train the heads only.
     """
 
     # FSDP2: the ViT internals are called directly, not the backbone's forward, so backbones
@@ -86,8 +89,17 @@ class MAE(SSLMethod):
         backbone_kwargs: dict[str, Any] | None = None,
         views: SingleView = VIEWS,
         optim: Optimization = OPTIM,
+        init_backbone: str | None = None,
+        freeze_backbone_steps: int = 0,
     ) -> None:
-        super().__init__(backbone, backbone_kwargs, views=views, optim=optim)
+        super().__init__(
+            backbone,
+            backbone_kwargs,
+            views=views,
+            optim=optim,
+            init_backbone=init_backbone,
+            freeze_backbone_steps=freeze_backbone_steps,
+        )
         vit = self.backbone.model
         if not (
             isinstance(vit, VisionTransformer)

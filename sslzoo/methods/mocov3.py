@@ -86,6 +86,9 @@ class MoCoV3(SSLMethod):
             bilinear crops and PIL's blur, crops of at least 20% of the image.
         optim: LARS 0.6 per 256 images (0.3 for 300 and 1000 epochs), wd 1e-6 (1.5e-6 for
             1000 epochs), warmup 10 epochs; no decay or adaptation of biases and BN.
+        init_backbone: a weights file the backbone (and its teachers) start from: see
+            :class:`~sslzoo.methods.base.SSLMethod`.
+        freeze_backbone_steps: first optimizer steps that train the heads only.
     """
 
     def __init__(
@@ -107,10 +110,13 @@ class MoCoV3(SSLMethod):
         cifar_stem: bool = False,
         zero_init_residual: bool = True,
         sync_batchnorm: bool = True,
+        init_backbone: str | None = None,
+        freeze_backbone_steps: int = 0,
     ) -> None:
         super().__init__(
-            backbone, backbone_kwargs, cifar_stem, zero_init_residual, sync_batchnorm, views, optim
-        )
+            backbone, backbone_kwargs, cifar_stem, zero_init_residual, sync_batchnorm, views, optim,
+            init_backbone, freeze_backbone_steps,
+        )  # fmt: skip
         is_vit = isinstance(self.backbone.model, VisionTransformer)
         if is_vit:
             moco_vit_setup(self.backbone.model, stop_grad_conv1, sincos_pos_embed)

@@ -84,6 +84,9 @@ class SimCLR(SSLMethod):
         cifar_stem: 3x3 stride-1 ResNet stem for 32x32 images.
         zero_init_residual: zero-initialised last BN of each residual block.
         sync_batchnorm: synchronise BatchNorm across devices (``global_bn``).
+        init_backbone: a weights file the backbone (and its teachers) start from: see
+            :class:`~sslzoo.methods.base.SSLMethod`.
+        freeze_backbone_steps: first optimizer steps that train the heads only.
     """
 
     def __init__(
@@ -101,10 +104,13 @@ class SimCLR(SSLMethod):
         cifar_stem: bool = False,
         zero_init_residual: bool | None = None,
         sync_batchnorm: bool = True,
+        init_backbone: str | None = None,
+        freeze_backbone_steps: int = 0,
     ) -> None:
         super().__init__(
-            backbone, backbone_kwargs, cifar_stem, zero_init_residual, sync_batchnorm, views, optim
-        )
+            backbone, backbone_kwargs, cifar_stem, zero_init_residual, sync_batchnorm, views, optim,
+            init_backbone, freeze_backbone_steps,
+        )  # fmt: skip
         dim = self.backbone.num_features
         self.projection_head = projection_head(
             dim, proj_hidden_dim or dim, proj_out_dim, num_proj_layers, proj_init_std

@@ -76,6 +76,9 @@ class SimSiam(SSLMethod):
             (simsiam/builder.py builds its torchvision ResNet with
             ``zero_init_residual=True``); other backbones ignore it.
         sync_batchnorm: synchronise BatchNorm across devices (SyncBN officially).
+        init_backbone: a weights file the backbone (and its teachers) start from: see
+            :class:`~sslzoo.methods.base.SSLMethod`.
+        freeze_backbone_steps: first optimizer steps that train the heads only.
     """
 
     def __init__(
@@ -93,12 +96,15 @@ class SimSiam(SSLMethod):
         cifar_stem: bool = False,
         zero_init_residual: bool = True,
         sync_batchnorm: bool = True,
+        init_backbone: str | None = None,
+        freeze_backbone_steps: int = 0,
     ) -> None:
         if lr_update not in ("epoch", "step"):
             raise ValueError(f"lr_update must be 'epoch' or 'step', not {lr_update!r}")
         super().__init__(
-            backbone, backbone_kwargs, cifar_stem, zero_init_residual, sync_batchnorm, views, optim
-        )
+            backbone, backbone_kwargs, cifar_stem, zero_init_residual, sync_batchnorm, views, optim,
+            init_backbone, freeze_backbone_steps,
+        )  # fmt: skip
         width = self.backbone.num_features
         self.projector = simsiam_projector(width, proj_hidden_dim or width, dim, proj_layers)
         # builder.py's predictor: Linear(no bias) -> BN -> ReLU -> Linear

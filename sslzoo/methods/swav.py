@@ -90,6 +90,9 @@ class SwAV(SSLMethod):
         backbone: backbone name (see :class:`SSLMethod`).
         backbone_kwargs: backbone constructor arguments.
         cifar_stem: 3x3 stride-1 ResNet stem for 32x32 images.
+        init_backbone: a weights file the backbone (and its teachers) start from: see
+            :class:`~sslzoo.methods.base.SSLMethod`.
+        freeze_backbone_steps: first optimizer steps that train the heads only.
     """
 
     linspace_warmup = True  # main_swav.py warms up with np.linspace
@@ -114,10 +117,13 @@ class SwAV(SSLMethod):
         cifar_stem: bool = False,
         zero_init_residual: bool | None = None,
         sync_batchnorm: bool = True,
+        init_backbone: str | None = None,
+        freeze_backbone_steps: int = 0,
     ) -> None:
         super().__init__(
-            backbone, backbone_kwargs, cifar_stem, zero_init_residual, sync_batchnorm, views, optim
-        )
+            backbone, backbone_kwargs, cifar_stem, zero_init_residual, sync_batchnorm, views, optim,
+            init_backbone, freeze_backbone_steps,
+        )  # fmt: skip
         crops = self.views.num_views
         if not crops_for_assign or not all(0 <= c < crops for c in crops_for_assign):
             raise ValueError(f"crops_for_assign {crops_for_assign} must index the {crops} crops")
@@ -143,6 +149,7 @@ class SwAV(SSLMethod):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """No prototype update during the first ``freeze_prototypes_niters`` steps."""
+        super().on_before_optimizer_step(optimizer)
         if self.global_step < self.hparams.freeze_prototypes_niters:
             for p in self.prototypes.parameters():
                 p.grad = None

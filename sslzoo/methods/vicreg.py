@@ -53,6 +53,9 @@ class VICReg(SSLMethod):
         zero_init_residual: zero-initialised last BN of each residual block (the official
             ``resnet50(zero_init_residual=True)``).
         sync_batchnorm: synchronise BatchNorm across devices (``convert_sync_batchnorm``).
+        init_backbone: a weights file the backbone (and its teachers) start from: see
+            :class:`~sslzoo.methods.base.SSLMethod`.
+        freeze_backbone_steps: first optimizer steps that train the heads only.
     """
 
     def __init__(
@@ -68,10 +71,13 @@ class VICReg(SSLMethod):
         cifar_stem: bool = False,
         zero_init_residual: bool = True,
         sync_batchnorm: bool = True,
+        init_backbone: str | None = None,
+        freeze_backbone_steps: int = 0,
     ) -> None:
         super().__init__(
-            backbone, backbone_kwargs, cifar_stem, zero_init_residual, sync_batchnorm, views, optim
-        )
+            backbone, backbone_kwargs, cifar_stem, zero_init_residual, sync_batchnorm, views, optim,
+            init_backbone, freeze_backbone_steps,
+        )  # fmt: skip
         self.expander = mlp([self.backbone.num_features, *expander_dims], hidden_bias=True)
         self.criterion = VICRegLoss(sim_coeff, std_coeff, cov_coeff)
 
