@@ -224,6 +224,7 @@ EXTRA_COMMANDS = {
     "eval": ("sslzoo.eval.cli", "run", "kNN / linear probe of a checkpoint's backbone"),
     "export": ("sslzoo.export", "main", "write a checkpoint's backbone for plain timm/torchvision"),
     "report": ("sslzoo.report", "main", "plot kNN, probe and loss curves of runs"),
+    "selftrain": ("sslzoo.selftrain.cli", "main", "distil or noisy-student a fine-tuned net"),
 }
 DESCRIPTION = (
     "Self-supervised pretraining of vision backbones. Train with the LightningCLI commands "
