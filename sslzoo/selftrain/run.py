@@ -128,6 +128,27 @@ def labeled_split(record: dict[str, Any], train_size: int) -> tuple[torch.Tensor
     return labeled, val
 
 
+# datamodule arguments that change how images are loaded, not which images there are
+RUNTIME_ARGUMENTS = ("batch_size", "num_workers", "pin_memory", "device_augment", "compile_augment")
+
+
+def check_same_data(record: dict[str, Any], data: SSLDataModule) -> None:
+    """Refuse data whose images may differ from those the teacher's index file counts (an
+    argument both record, other than how images are loaded, has another value)."""
+    recorded = record.get("datamodule_hyper_parameters") or {}
+    used = data_record(data)
+    differ = sorted(
+        k for k in set(recorded) & set(used)
+        if k not in RUNTIME_ARGUMENTS and recorded[k] != used[k]
+    )  # fmt: skip
+    if differ:
+        raise ConfigError(
+            f"the data differs from the teacher's fine-tuning data in {', '.join(differ)} "
+            f"({', '.join(f'{k}={used.get(k)!r} vs {recorded.get(k)!r}' for k in differ)}); "
+            "its index file counts the images of that data"
+        )
+
+
 def _device(accelerator: str) -> torch.device:
     gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     return torch.device("cuda" if gpu else "cpu")
@@ -185,6 +206,7 @@ def self_train(
             f"--label_fraction {label_fraction:g}: the teacher was fine-tuned on {fraction:g} "
             "of the labels; self-training reuses that subset"
         )
+    check_same_data(record, data)
     num_classes = record["num_classes"]
     overrides = {"epochs": settings.epochs, "batch_size": settings.batch_size,
                  "lr": settings.lr, "weight_decay": settings.weight_decay}  # fmt: skip
