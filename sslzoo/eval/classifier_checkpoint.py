@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import io
 from pathlib import Path
 from typing import Any
@@ -63,10 +64,14 @@ def method_record(source: str | Path | None, method: SSLMethod) -> dict[str, Any
 
 
 def data_record(data: Any) -> dict[str, Any]:
-    return plain(
-        {"_class_path": class_path(data), **_init_args(dict(data.hparams))},
-        "the datamodule's hyper-parameters",
-    )
+    """The datamodule's class and the arguments its constructor takes (the base class records
+    its own too, which a subclass may not accept)."""
+    accepted = inspect.signature(type(data)).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
+    hparams = {
+        k: v for k, v in _init_args(dict(data.hparams)).items() if takes_any or k in accepted
+    }
+    return plain({"_class_path": class_path(data), **hparams}, "the datamodule's hyper-parameters")
 
 
 def recipe_record(recipe: Recipe) -> dict[str, Any]:
