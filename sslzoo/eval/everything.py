@@ -87,6 +87,7 @@ def selftrain_protocol(
 ) -> dict[str, Any]:
     """Each ``--selftrain_modes`` mode from the fine-tuned ``teacher``: the test top-1 of
     each round's student (``sslzoo selftrain``'s summary)."""
+    from sslzoo.errors import ConfigError, warn_user
     from sslzoo.eval.finetune import finetune_kwargs
     from sslzoo.selftrain.run import SelfTrainSettings, self_train
 
@@ -100,12 +101,15 @@ def selftrain_protocol(
             batch_size=common.get("batch_size"),
             lr=common.get("lr"),
         )
-        summary = self_train(
-            teacher, data, root / mode, settings, seed=args.seed,
-            accelerator=common.get("accelerator", "auto"), precision=common.get("precision"),
-            progress_bar=common.get("progress_bar", True),
-        )  # fmt: skip
-        found[mode] = summary
+        try:
+            found[mode] = self_train(
+                teacher, data, root / mode, settings, seed=args.seed,
+                accelerator=common.get("accelerator", "auto"),
+                precision=common.get("precision"), progress_bar=common.get("progress_bar", True),
+            )  # fmt: skip
+        except ConfigError as error:  # e.g. no pseudo-label above the threshold: the others go on
+            warn_user(f"self-training ({mode}) from {teacher}: {error}")
+            found[mode] = {"left_out": str(error), "rounds": []}
     return found
 
 

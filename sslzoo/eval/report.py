@@ -81,7 +81,7 @@ def headline_rows(backbones: dict[str, Any]) -> list[tuple[str, list[str]]]:
 def selftrain_rounds(backbone: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
     """fraction -> mode -> the test top-1 of each self-training round's student."""
     return {
-        fraction: {mode: [r["top1"] for r in s["rounds"]] for mode, s in modes.items()}
+        fraction: {mode: [r["top1"] for r in s.get("rounds", [])] for mode, s in modes.items()}
         for fraction, modes in (backbone.get("selftrain") or {}).items()
     }
 
@@ -130,6 +130,15 @@ def selftrain_markdown(backbones: dict[str, Any]) -> list[str]:
             tuned = _pct(_get(b, "finetune", fraction, "top1"))
             row = [_frac(fraction), name, linear, tuned] + [cells.get(c, "-") for c in columns]
             lines.append("| " + " | ".join(row) + " |")
+    left_out = [
+        f"{mode}, {_frac(fraction)}, {name}: {s['left_out']}"
+        for name, b in backbones.items()
+        for fraction, modes in (b.get("selftrain") or {}).items()
+        for mode, s in modes.items()
+        if s.get("left_out")
+    ]
+    if left_out:
+        lines += ["", "Left out: " + "; ".join(left_out) + "."]
     return lines
 
 
