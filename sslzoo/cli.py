@@ -1,5 +1,6 @@
 """Command line: ``sslzoo fit|validate|test --config ...`` (LightningCLI), and ``sslzoo
-quickstart``, ``sslzoo eval PROTOCOL``, ``sslzoo export``, ``sslzoo report``.
+quickstart``, ``sslzoo eval PROTOCOL``, ``sslzoo export``, ``sslzoo report``, ``sslzoo data
+pack``, ``sslzoo selftrain``.
 
 Each ``fit`` writes into a new ``version_N`` folder under ``trainer.default_root_dir``
 (``runs/<method>_<data>`` unless set): TensorBoard events, ``metrics.csv``, ``config.yaml`` and
@@ -225,6 +226,7 @@ EXTRA_COMMANDS = {
     "export": ("sslzoo.export", "main", "write a checkpoint's backbone for plain timm/torchvision"),
     "report": ("sslzoo.report", "main", "plot kNN, probe and loss curves of runs"),
     "data": ("sslzoo.datamodules.pack", "main", "pack an image folder into streaming shards"),
+    "selftrain": ("sslzoo.selftrain.cli", "main", "distil or noisy-student a fine-tuned net"),
 }
 DESCRIPTION = (
     "Self-supervised pretraining of vision backbones. Train with the LightningCLI commands "

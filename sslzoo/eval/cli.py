@@ -93,6 +93,20 @@ def _add_finetune(sub: ArgumentParser) -> None:
     add_finetune_arguments(sub)
 
 
+def _add_selftrain(sub: ArgumentParser) -> None:
+    sub.add_argument(
+        "--selftrain",
+        type=bool,
+        default=False,
+        help="after each fine-tuning, self-train students from it (sslzoo selftrain)",
+    )
+    sub.add_argument("--selftrain_modes", type=list[str], default=["distill", "noisy-student"])
+    sub.add_argument("--selftrain_iterations", type=int, default=1, help="rounds per mode")
+    sub.add_argument(
+        "--selftrain_epochs", type=int | None, default=None, help="default: fine-tuning's"
+    )
+
+
 def _parser(data: dict[str, Any] | None = None) -> ArgumentParser:
     """The ``sslzoo eval`` parser; ``data`` (``class_path`` and ``init_args``) is the default of
     ``--data``, which ``--data.KEY VALUE`` arguments then override."""
@@ -135,6 +149,7 @@ def _parser(data: dict[str, Any] | None = None) -> ArgumentParser:
             _add_fewshot(sub)
             _add_robustness(sub)
             _add_finetune(sub)
+            _add_selftrain(sub)
         commands.add_subcommand(name, sub)
     return parser
 

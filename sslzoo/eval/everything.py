@@ -68,14 +68,57 @@ def evaluate_backbone(
             kwargs.update(
                 label_fraction=fraction, pretrained=trained, out_dir=out / "finetune" / name
             )
+            teacher = None
+            if args.get("selftrain"):
+                teacher = out / "finetune" / name / f"finetuned_{fraction:g}.ckpt"
+            kwargs["save_to"] = teacher
             result["finetune"][f"{fraction:g}"] = finetune_protocol(
                 args.ckpt, data, groups, **kwargs
             )
+            if teacher is not None:
+                result.setdefault("selftrain", {})[f"{fraction:g}"] = selftrain_protocol(
+                    args, data, teacher, out / "selftrain" / name / f"{fraction:g}"
+                )
     return result
+
+
+def selftrain_protocol(
+    args: Namespace, data: SSLDataModule, teacher: Path, root: Path
+) -> dict[str, Any]:
+    """Each ``--selftrain_modes`` mode from the fine-tuned ``teacher``: the test top-1 of
+    each round's student (``sslzoo selftrain``'s summary)."""
+    from sslzoo.errors import ConfigError, warn_user
+    from sslzoo.eval.finetune import finetune_kwargs
+    from sslzoo.selftrain.run import SelfTrainSettings, self_train
+
+    common = finetune_kwargs(args)
+    found = {}
+    for mode in args.selftrain_modes:
+        settings = SelfTrainSettings(
+            mode=mode,
+            iterations=args.selftrain_iterations,
+            epochs=args.selftrain_epochs or common.get("epochs"),
+            batch_size=common.get("batch_size"),
+            lr=common.get("lr"),
+        )
+        try:
+            found[mode] = self_train(
+                teacher, data, root / mode, settings, seed=args.seed,
+                accelerator=common.get("accelerator", "auto"),
+                precision=common.get("precision"), progress_bar=common.get("progress_bar", True),
+            )  # fmt: skip
+        except ConfigError as error:  # e.g. no pseudo-label above the threshold: the others go on
+            warn_user(f"self-training ({mode}) from {teacher}: {error}")
+            found[mode] = {"left_out": str(error), "rounds": []}
+    return found
 
 
 def evaluate_all(args: Namespace, data: SSLDataModule, groups: Groups | None) -> dict[str, Any]:
     """Run every protocol on both backbones and write the report into the report folder."""
+    if args.get("selftrain") and "finetune" in args.skip:
+        from sslzoo.errors import ConfigError
+
+        raise ConfigError("--selftrain true needs fine-tuning: remove finetune from --skip")
     unknown = sorted(set(args.skip) - set(STAGES))
     if unknown:
         from sslzoo.errors import ConfigError

@@ -51,6 +51,10 @@ class FinetuneModule(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
 
+    def on_fit_start(self) -> None:
+        # a backbone from load_method is in eval mode: its BatchNorm must train
+        self.net.train()
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         trainer = self.trainer
         batch = self.batch_size * trainer.world_size * trainer.accumulate_grad_batches
@@ -162,6 +166,7 @@ def finetune(
     devices: int = 1,
     precision: str | None = None,
     progress_bar: bool = True,
+    save_to: str | Path | None = None,
     **recipe_settings: Any,
 ) -> dict[str, Any]:
     """Fine-tune the eval backbone of a checkpoint (or method) on ``label_fraction`` of the
@@ -185,6 +190,8 @@ def finetune(
         accelerator, devices, precision: Lightning's; precision ``None``: bf16-mixed on a
             GPU, 32-true on the CPU.
         progress_bar: Lightning's progress bar.
+        save_to: write the fine-tuned network here as a classifier checkpoint
+            (:mod:`sslzoo.eval.classifier_checkpoint`), the teacher of ``sslzoo selftrain``.
         recipe_settings: other settings of the recipe (``from_head_layer``, ``mixup``...).
 
     Returns:
@@ -267,14 +274,30 @@ def finetune(
                          val_idx.tolist())  # fmt: skip
         val_logits = predict(val_set)
         result["val_top1"] = _accuracy(val_logits, labels[val_idx], num_classes)["top1"]
+    if save_to is not None:
+        saved = _save(save_to, ckpt_or_method, method, data, chosen, result, num_classes, net)
+        result["saved_to"] = str(saved)
     result["test_labels"] = test_labels
     result["test_predictions"] = logits.argmax(1)
     return result
 
 
+def _save(
+    path: str | Path, source: Any, method: SSLMethod, data: SSLDataModule, recipe: Recipe,
+    result: dict[str, Any], num_classes: int, net: nn.Module,
+) -> Path:  # fmt: skip
+    from sslzoo.eval.classifier_checkpoint import finetuned_record, save_classifier
+
+    keys = ("label_fraction", "seed", "indices_file", "pretrained")
+    record = finetuned_record(
+        source, method, data, recipe, num_classes=num_classes, **{k: result[k] for k in keys}
+    )
+    return save_classifier(path, net, record)
+
+
 FINETUNE_OPTIONS = ("label_fraction", "seed", "out_dir", "recipe", "pretrained", "val_fraction",
                     "epochs", "batch_size", "lr", "precision", "from_head_layer", "layer_decay",
-                    "drop_path", "mixup", "cutmix", "progress_bar")  # fmt: skip
+                    "drop_path", "mixup", "cutmix", "progress_bar", "save_to")  # fmt: skip
 
 
 def add_finetune_arguments(parser: ArgumentParser) -> None:
@@ -346,6 +369,12 @@ def add_finetune_arguments(parser: ArgumentParser) -> None:
     parser.add_argument("--mixup", type=float | None, default=None, help="mae: default 0.8, 0 off")
     parser.add_argument("--cutmix", type=float | None, default=None, help="mae: default 1.0, 0 off")
     parser.add_argument("--progress_bar", type=bool, default=True)  # fmt: skip
+    parser.add_argument(
+        "--save_to",
+        type=str | None,
+        default=None,
+        help="write the fine-tuned network here (a classifier checkpoint for sslzoo selftrain)",
+    )
 
 
 def finetune_kwargs(args: Namespace) -> dict[str, Any]:

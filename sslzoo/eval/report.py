@@ -58,6 +58,7 @@ def headline_rows(backbones: dict[str, Any]) -> list[tuple[str, list[str]]]:
                 [_pct(_get(b, "finetune", fraction, "top1")) for b in backbones.values()],
             )
         )
+    rows += selftrain_rows(backbones)
     for name in _get(first, "robustness", "summary") or {}:
         rows.append(
             (
@@ -75,6 +76,70 @@ def headline_rows(backbones: dict[str, Any]) -> list[tuple[str, list[str]]]:
         )
     )
     return rows
+
+
+def selftrain_rounds(backbone: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
+    """fraction -> mode -> the test top-1 of each self-training round's student."""
+    return {
+        fraction: {mode: [r["top1"] for r in s.get("rounds", [])] for mode, s in modes.items()}
+        for fraction, modes in (backbone.get("selftrain") or {}).items()
+    }
+
+
+def selftrain_rows(backbones: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """One row per label fraction, self-training mode and round."""
+    rounds = [selftrain_rounds(b) for b in backbones.values()]
+    rows = []
+    for fraction, modes in rounds[0].items():
+        for mode, tops in modes.items():
+            for i in range(len(tops)):
+                cells = [_pct((_get(r, fraction, mode) or [None] * (i + 1))[i]) for r in rounds]
+                rows.append((f"{mode} round {i + 1}, {_frac(fraction)} labels", cells))
+    return rows
+
+
+def selftrain_markdown(backbones: dict[str, Any]) -> list[str]:
+    """Linear probe, fine-tuning and each self-training round side by side."""
+    columns: list[str] = []
+    for b in backbones.values():
+        for modes in selftrain_rounds(b).values():
+            for mode, tops in modes.items():
+                columns += [
+                    f"{mode} r{i + 1}"
+                    for i in range(len(tops))
+                    if f"{mode} r{i + 1}" not in columns
+                ]
+    if not columns:
+        return []
+    lines = [
+        "",
+        "## Self-training after fine-tuning (test top-1, %)",
+        "",
+        "Students learn from the fine-tuned network on the unlabeled training images (the "
+        "same labeled subset as fine-tuning); each round's student teaches the next.",
+        "",
+        "| labels | backbone | linear probe | fine-tuned | " + " | ".join(columns) + " |",
+        "|---|---|---|---|" + "---|" * len(columns),
+    ]
+    for name, b in backbones.items():
+        for fraction, modes in selftrain_rounds(b).items():
+            cells = {
+                f"{m} r{i + 1}": _pct(t) for m, tops in modes.items() for i, t in enumerate(tops)
+            }
+            linear = _pct(_get(b, "linear", fraction, "top1"))
+            tuned = _pct(_get(b, "finetune", fraction, "top1"))
+            row = [_frac(fraction), name, linear, tuned] + [cells.get(c, "-") for c in columns]
+            lines.append("| " + " | ".join(row) + " |")
+    left_out = [
+        f"{mode}, {_frac(fraction)}, {name}: {s['left_out']}"
+        for name, b in backbones.items()
+        for fraction, modes in (b.get("selftrain") or {}).items()
+        for mode, s in modes.items()
+        if s.get("left_out")
+    ]
+    if left_out:
+        lines += ["", "Left out: " + "; ".join(left_out) + "."]
+    return lines
 
 
 def _frac(fraction: str) -> str:
@@ -119,6 +184,7 @@ def markdown(report: dict[str, Any]) -> str:
                 "",
                 "Left out: " + "; ".join(f"{k} ({v})" for k, v in robust["left_out"].items()) + ".",
             ]
+    lines += selftrain_markdown(backbones)
     groups = _groups(backbones)
     if groups:
         lines += [
@@ -186,6 +252,15 @@ def plot(report: dict[str, Any], out: Path) -> list[str]:
                 if points:
                     xs, ys = zip(*points, strict=True)
                     ax.plot(xs, ys, style, marker="o", label=f"{key}, {name}")
+            for mode, style in (("distill", ":"), ("noisy-student", "-.")):
+                points = sorted(
+                    (float(k), modes[mode][-1])
+                    for k, modes in selftrain_rounds(b).items()
+                    if modes.get(mode)
+                )
+                if points:
+                    xs, ys = zip(*points, strict=True)
+                    ax.plot(xs, ys, style, marker="s", label=f"{mode} (last round), {name}")
         ax.set_xscale("log")
         ax.set_xlabel("fraction of training labels")
         ax.set_ylabel("test top-1")
