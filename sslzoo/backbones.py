@@ -52,14 +52,40 @@ def _torchvision(name: str, cifar_stem: bool, kwargs: dict[str, Any]) -> Backbon
     raise ValueError(f"cannot find the classifier of torchvision model {name!r}")
 
 
+def swiglu_ratio(embed_dim: int) -> float:
+    """timm's ``mlp_ratio`` for DINOv2's SwiGLU feed-forward layer (``SwiGLUFFNFused``):
+    hidden width int(4 d x 2/3) rounded up to a multiple of 8, both halves packed in fc1."""
+    hidden = (int(4 * embed_dim * 2 / 3) + 7) // 8 * 8
+    return 2 * hidden / embed_dim
+
+
+def _ffn_arguments(name: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(timm's arguments, the arguments to record) for ``ffn_layer``: ``mlp`` (the model's
+    own) or ``swiglu`` (DINOv2's ``swiglufused``: timm's ``SwiGLUPacked`` with SiLU, and
+    ``mlp_ratio`` from :func:`swiglu_ratio` unless given)."""
+    kwargs = dict(kwargs)
+    layer = kwargs.pop("ffn_layer", "mlp")
+    if layer == "mlp":
+        return kwargs, kwargs
+    if layer != "swiglu":
+        raise ValueError(f"ffn_layer must be 'mlp' or 'swiglu', not {layer!r}")
+    if "mlp_ratio" not in kwargs:
+        with torch.device("meta"):
+            dim = timm.create_model(name, **{"num_classes": 0, **kwargs}).embed_dim
+        kwargs["mlp_ratio"] = swiglu_ratio(dim)
+    kwargs["act_layer"] = "silu"
+    return {**kwargs, "mlp_layer": timm.layers.SwiGLUPacked}, {**kwargs, "ffn_layer": "swiglu"}
+
+
 def _timm(name: str, cifar_stem: bool, kwargs: dict[str, Any]) -> Backbone:
+    kwargs, recorded = _ffn_arguments(name, kwargs)
     model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
     if cifar_stem:
         if not hasattr(model, "conv1"):
             raise ValueError(f"cifar_stem=True needs a ResNet-like model with conv1; got {name!r}")
         model.conv1 = _cifar_stem(model.conv1)
         model.maxpool = nn.Identity()
-    spec = {"library": "timm", "name": name, "kwargs": {**kwargs, "num_classes": 0}}
+    spec = {"library": "timm", "name": name, "kwargs": {**recorded, "num_classes": 0}}
     return Backbone(model, model.num_features, {**spec, "head": None, "cifar_stem": cifar_stem})
 
 
@@ -97,7 +123,8 @@ def build_backbone(
             ``None`` keeps the library's default (off in torchvision, on in timm). Models
             without residual BatchNorm blocks (ViTs...) ignore it.
         kwargs: passed to the model constructor (e.g. ``drop_path_rate`` or ``channels`` for
-            timm models).
+            timm models). ``ffn_layer: swiglu`` gives a timm ViT DINOv2's SwiGLU
+            feed-forward layers (``ffn_layer: swiglufused`` of its ViT-L/14 and ViT-g/14).
     """
     if img_size is not None:
         kwargs["img_size"] = img_size

@@ -4,7 +4,10 @@ torchvision and how to prepare images as the run's evaluation did (no sslzoo imp
 
     spec = json.load(open("DIR/backbone.json"))
     if spec["library"] == "timm":
-        model = timm.create_model(spec["name"], **spec["kwargs"])
+        kwargs = dict(spec["kwargs"])
+        if kwargs.pop("ffn_layer", "mlp") == "swiglu":  # DINOv2's SwiGLU feed-forward layers
+            kwargs["mlp_layer"] = timm.layers.SwiGLUPacked
+        model = timm.create_model(spec["name"], **kwargs)
     else:
         model = torchvision.models.get_model(spec["name"], weights=None, **spec["kwargs"])
         setattr(model, spec["head"], torch.nn.Identity())

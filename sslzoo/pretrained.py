@@ -54,14 +54,25 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
             f"{path}: not a weights file torch.load(weights_only=True) can read ({e})"
         ) from e
     if isinstance(state, dict) and "hyper_parameters" in state and "state_dict" in state:
-        from sslzoo.checkpoints import load_method
-
-        return load_method(path).eval_backbone.model.state_dict()
+        return checkpoint_backbone(state, path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PretrainedWeightsError(f"{path}: not a state dict of tensors")
     return state
+
+
+def checkpoint_backbone(checkpoint: dict, path: Path) -> dict[str, torch.Tensor]:
+    """The evaluation backbone's tensors of an sslzoo checkpoint, in the backbone's naming."""
+    name = checkpoint.get("eval_backbone")
+    if not name:
+        raise PretrainedWeightsError(
+            f"{path}: an sslzoo checkpoint that does not say which module is its backbone "
+            "(written by an older sslzoo): `sslzoo export` it and use backbone.safetensors"
+        )
+    prefix = f"{name}.model."
+    state = checkpoint["state_dict"].items()
+    return {k[len(prefix) :]: v for k, v in state if k.startswith(prefix)}
 
 
 def naming(state: dict[str, torch.Tensor]) -> str:

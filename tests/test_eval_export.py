@@ -125,7 +125,10 @@ def test_eval_linear_caches_features(timm_run: SSLZooCLI) -> None:
 def plain_model(spec: dict) -> torch.nn.Module:
     """Rebuild the exported backbone with timm/torchvision only, as the export docstring says."""
     if spec["library"] == "timm":
-        model = timm.create_model(spec["name"], **spec["kwargs"])
+        kwargs = dict(spec["kwargs"])
+        if kwargs.pop("ffn_layer", "mlp") == "swiglu":
+            kwargs["mlp_layer"] = timm.layers.SwiGLUPacked
+        model = timm.create_model(spec["name"], **kwargs)
     else:
         model = torchvision.models.get_model(spec["name"], weights=None, **spec["kwargs"])
         setattr(model, spec["head"], torch.nn.Identity())

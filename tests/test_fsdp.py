@@ -11,7 +11,9 @@ BatchNorm), iBOT (a parameter outside any submodule, ViT internals), DINOv2 (the
 per-module clipping and layer-wise decay groups), MAE (a nested forward), Distillation (a
 frozen teacher in inference mode) and the two-view methods (SimCLR, MoCo v3, BYOL, SimSiam,
 Barlow Twins, VICReg: EMA teachers, LARS, frozen biases): half of the parameters per rank, and
-equal to a 2-process DDP run, evaluation features too.
+equal to a 2-process DDP run, evaluation features too. SimCLR from litdata shards
+(``StreamingDataModule``): each rank streams its own half of each epoch, alike under FSDP2 and
+DDP, which train to the same weights.
 
 One 2-process job (this file run as a script) writes its results to a folder; the
 single-process reference runs in the test process on the same data.
@@ -54,6 +56,7 @@ TINY_VIT = dict(
     backbone_kwargs=dict(img_size=16, patch_size=4, depth=2, embed_dim=32, num_heads=2),
 )
 TIMEOUT_S = 240
+STREAM_IMAGES, STREAM_BATCH = 48, 4  # 6 batches per rank and epoch, nothing dropped
 
 
 class FixedViews(Dataset):
@@ -279,6 +282,30 @@ def distributed_fit(
     return t, record.losses
 
 
+def streaming_fit(pack: Path, strategy: Any) -> dict[str, Any]:
+    """SimCLR (tiny ResNet) for 2 epochs from the pack through ``StreamingDataModule``
+    (views in the main process); the ids of the samples this rank decoded, per epoch."""
+    from unittest import mock
+
+    from sslzoo.datamodules import StreamingDataModule, shards
+
+    decode, epochs = shards.decode_sample, [[], []]
+
+    def record(sample: dict[str, Any], *args: Any) -> Any:
+        epochs[t.current_epoch].append(int(sample["id"]))
+        return decode(sample, *args)
+
+    torch.manual_seed(0)
+    model = tiny_two_view("SimCLR")()
+    data = StreamingDataModule(str(pack), str(pack), batch_size=STREAM_BATCH, num_workers=0,
+                               image_size=16, pin_memory=False)  # fmt: skip
+    data.views = model.views  # as ``sslzoo fit`` hands them over
+    t = trainer(devices=WORLD, strategy=strategy, limit_val_batches=0)
+    with mock.patch.object(shards, "decode_sample", record):
+        t.fit(model, datamodule=data)
+    return {"epochs": epochs, "state": full_state(model)}
+
+
 def layout(model: torch.nn.Module) -> dict[str, Any]:
     """FSDP units (module names) and this rank's shard shapes per parameter."""
     from torch.distributed.fsdp import FSDPModule
@@ -368,6 +395,10 @@ def worker(out: Path) -> None:
                 runs[kind]["after_eval"] = layout(model)["shapes"]
         results[name] = runs
 
+    # StreamingDataModule: each rank streams its own half of the pack, the same under both
+    for kind, strategy in (("fsdp", FSDP2Strategy()), ("ddp", DDPStrategy())):
+        counts[f"streaming_{kind}"] = streaming_fit(out / "pack", strategy)
+
     torch.save(counts, out / f"rank{rank}.pt")
     if rank == 0:
         torch.save(results, out / "results.pt")
@@ -381,7 +412,11 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from sslzoo.datamodules.pack import pack_folder
+    from tests.augment_helpers import cifar_folder
+
     out = tmp_path_factory.mktemp("fsdp")
+    pack_folder(cifar_folder(out / "images", STREAM_IMAGES // 2) / "train", out / "pack")
     port = str(free_port())
     procs, logs = [], [out / f"log{rank}.txt" for rank in range(WORLD)]
     for rank in range(WORLD):
@@ -604,6 +639,24 @@ def preset_strategy(name: str) -> Any:
     preset = yaml.safe_load((REPO / "configs" / "trainer" / f"{name}.yaml").read_text())
     config = parser.parse_object({"strategy": preset["trainer"]["strategy"]})
     return parser.instantiate(config).strategy
+
+
+def test_streaming_ranks_read_disjoint_halves_alike_under_fsdp2_and_ddp(
+    sharded: dict[str, Any],
+) -> None:
+    # each epoch the two ranks decode disjoint halves of the pack covering it once, reshuffled
+    # per epoch; FSDP2 and DDP read the same samples and train to the same weights
+    runs = {k: [r[f"streaming_{k}"] for r in sharded["ranks"]] for k in ("fsdp", "ddp")}
+    for kind, (first, second) in runs.items():
+        for epoch in range(EPOCHS):
+            a, b = first["epochs"][epoch], second["epochs"][epoch]
+            assert len(a) == len(b) == STREAM_IMAGES // 2, kind
+            assert sorted(a + b) == list(range(STREAM_IMAGES)), kind
+        assert first["epochs"][0] != first["epochs"][1], "each epoch is shuffled anew"
+    fsdp, ddp = runs["fsdp"][0], runs["ddp"][0]
+    assert [r["epochs"] for r in runs["fsdp"]] == [r["epochs"] for r in runs["ddp"]]
+    for key, value in ddp["state"].items():
+        close(fsdp["state"][key], value, key)
 
 
 def test_fsdp2_preset_composes_and_builds_its_strategy(capsys: pytest.CaptureFixture) -> None:

@@ -1,7 +1,8 @@
 """Continued pretraining from released backbone weights (``init_backbone``): files in DINOv2's,
 DINOv3's, timm's and ``sslzoo export``'s naming land tensor by tensor in the backbone (the same
 features as the model the file was written from), teachers start as the student, heads stay
-new, bad files fail by name, and ``freeze_backbone_steps`` trains the heads alone first.
+new, bad files fail by name, ``freeze_backbone_steps`` trains the heads alone first, and
+DINOv2's SwiGLU feed-forward layers (``ffn_layer: swiglu``) are its formula and load.
 
 The DINOv2 and DINOv3 files are re-created here from a timm model's tensors by the official
 naming rules (facebookresearch/dinov2 and dinov3 ``vision_transformer.py``), written out key by
@@ -23,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
+from sslzoo.backbones import build_backbone
 from sslzoo.errors import MissingDataError
 from sslzoo.methods import BYOL, DINO, IBOT, DINOv2, MoCoV3
 from sslzoo.methods import dino as dino_recipe
@@ -233,6 +235,10 @@ def test_bad_files_fail_by_name(tmp_path: Path) -> None:
     Path(model.init_backbone).write_text("not weights")
     with pytest.raises(PretrainedWeightsError, match="wide.pth: not a weights file"):
         model.load_init_backbone()
+    # a checkpoint that does not name its evaluation backbone
+    torch.save({"hyper_parameters": {}, "state_dict": {}}, model.init_backbone)
+    with pytest.raises(PretrainedWeightsError, match="does not say which module.*sslzoo export"):
+        model.load_init_backbone()
 
 
 class Record(L.Callback):
@@ -283,3 +289,34 @@ def test_freeze_backbone_steps_trains_the_heads_alone_first(tmp_path: Path) -> N
     for key, value in steps[1]["teacher"].items():
         torch.testing.assert_close(value, start["backbone"][key], msg=key)
     assert not same(start["head"], steps[0]["head"])
+
+
+def test_swiglu_feed_forward_is_dinov2s_and_loads_from_hub_naming(tmp_path: Path) -> None:
+    # DINOv2's SwiGLUFFNFused (ffn_layer swiglufused of ViT-L/14, ViT-g/14): hidden width
+    # h = (int(4 d 2/3) + 7) // 8 * 8; w12: d -> 2h, x1, x2 = halves; w3(silu(x1) * x2)
+    backbone = build_backbone("vit_small_patch14_dinov2", img_size=28, ffn_layer="swiglu", **VIT)
+    d = 32
+    h = (int(4 * d * 2 / 3) + 7) // 8 * 8  # 88
+    mlp = backbone.model.blocks[0].mlp
+    assert (mlp.fc1.in_features, mlp.fc1.out_features, mlp.fc2.in_features) == (d, 2 * h, h)
+    x = torch.randn(3, 5, d)
+    x12 = x @ mlp.fc1.weight.T + mlp.fc1.bias
+    x1, x2 = x12[..., :h], x12[..., h:]
+    silu = x1 * torch.sigmoid(x1)
+    torch.testing.assert_close(mlp(x), (silu * x2) @ mlp.fc2.weight.T + mlp.fc2.bias)
+    # hub files name the packed layer w12 and the output w3
+    source = randomised(backbone.model)
+    state = {k.replace("mlp.fc1", "mlp.w12").replace("mlp.fc2", "mlp.w3"): v
+             for k, v in dinov2_state(source).items()}  # fmt: skip
+    assert any(".mlp.w12." in k for k in state)
+    torch.save(state, tmp_path / "dinov2_swiglu.pth")
+    model = DINOv2(backbone="vit_small_patch14_dinov2", **DINO_HEAD, layerscale=1e-5,
+                   backbone_kwargs={"img_size": 28, "ffn_layer": "swiglu", **VIT},
+                   init_backbone=str(tmp_path / "dinov2_swiglu.pth"))  # fmt: skip
+    model.load_init_backbone()
+    torch.testing.assert_close(features(model.backbone, 28), features(source, 28))
+    # the recorded arguments rebuild it, with sslzoo or with plain timm
+    spec = {k: v for k, v in model.backbone.spec["kwargs"].items() if k != "num_classes"}
+    assert spec["ffn_layer"] == "swiglu" and spec["mlp_ratio"] == 2 * h / d
+    rebuilt = build_backbone("vit_small_patch14_dinov2", **spec)
+    assert rebuilt.model.blocks[0].mlp.fc1.out_features == 2 * h

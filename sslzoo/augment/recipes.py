@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torchvision.transforms as T
 from lightly.transforms import MAETransform, SimCLRTransform, SwaVTransform
 from lightly.transforms.byol_transform import (
     BYOLTransform,
@@ -184,12 +185,26 @@ class TwoViews(Views):
 @dataclass(frozen=True)
 class OneView(TwoViews):
     """One view with the steps of :class:`TwoViews` and the first view's blur and
-    solarisation (feature distillation: teacher and student see the same view)."""
+    solarisation (feature distillation: teacher and student see the same view).
+
+    Args:
+        fixed: no random step at all: the image's shorter side resized to the image size and
+            the centre cropped, as for evaluation (the same input every epoch).
+    """
+
+    fixed: bool = False
 
     def pil(self, image_size: int, mean: Stats, std: Stats) -> Transform:
+        if self.fixed:
+            steps = [T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor()]
+            return MultiViewTransform([T.Compose([*steps, T.Normalize(mean, std)])])
         return MultiViewTransform(super().pil(image_size, mean, std).transforms[:1])
 
     def device(self, image_size: int, mean: Stats, std: Stats) -> nn.Module:
+        if self.fixed:
+            raise ConfigError(
+                "views.fixed has nothing to do on the device: set --data.device_augment false"
+            )
         return DeviceViews(super().device(image_size, mean, std).recipes[:1])
 
 

@@ -150,6 +150,20 @@ class SSLMethod(L.LightningModule):
             for p in self.backbone.parameters():
                 p.grad = None
 
+    def clip_method_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """The method's own gradient clipping (after AMP unscaling); none by default."""
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """:meth:`clip_method_gradients`, then the trainer's ``gradient_clip_val`` if set."""
+        self.clip_method_gradients(optimizer)
+        if gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     # ----------------------------------------------------------------- method contract
     def teacher_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(student, teacher) module pairs updated by the EMA callback; none by default."""
@@ -224,8 +238,11 @@ class SSLMethod(L.LightningModule):
         self.check_finite()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse to write weights trained through a non-finite loss."""
+        """Refuse to write weights trained through a non-finite loss; record which module is
+        the evaluation backbone (what ``init_backbone`` reads from the file)."""
         self.check_finite()
+        names = (name for name, m in self.named_modules() if m is self.eval_backbone)
+        checkpoint["eval_backbone"] = next(names, None)
 
     @torch.no_grad()
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:

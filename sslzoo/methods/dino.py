@@ -228,16 +228,8 @@ class DINO(SSLMethod):
                 for p in layer.parameters():
                     p.grad = None
 
-    def configure_gradient_clipping(
-        self,
-        optimizer: torch.optim.Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        """Per-parameter clipping at ``clip_grad`` (after AMP unscaling), then the trainer's
-        own ``gradient_clip_val`` if one is set."""
+    def clip_method_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """Per-parameter clipping at ``clip_grad``."""
         if self.hparams.clip_grad > 0:
             params = (p for group in optimizer.param_groups for p in group["params"])
             clip_gradients_per_parameter(params, self.hparams.clip_grad)
-        if gradient_clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)

@@ -68,8 +68,9 @@ class DINOv2(SSLMethod):
     on a timm ViT (ViT-S/14 ``vit_small_patch14_dinov2`` at ``img_size`` 224) whose blocks
     carry LayerScale and stochastic depth of the same rate in every block. Evaluation uses
     the teacher backbone. Known differences: timm's DropPath drops each sample with the rate
-    (DINOv2 keeps exactly (1 - rate) of the batch per branch above rate 0.1), and feed-forward
-    layers are the backbone's own (no SwiGLU option); fp16 is the trainer's ``precision``.
+    (DINOv2 keeps exactly (1 - rate) of the batch per branch above rate 0.1); fp16 is the
+    trainer's ``precision``. ``backbone_kwargs: {ffn_layer: swiglu}`` gives DINOv2's SwiGLU
+    feed-forward layers (its ViT-L/14 and ViT-g/14 configs).
 
     Args:
         dino_loss_weight: weight of the [CLS] loss.
@@ -248,17 +249,10 @@ class DINOv2(SSLMethod):
                 if g.get("last_layer"):
                     g["lr"] = 0.0
 
-    def configure_gradient_clipping(
-        self,
-        optimizer: torch.optim.Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        """``clip_grad_norm_`` of each student module on its own, then the trainer's own."""
+    def clip_method_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """``clip_grad_norm_`` of each student module on its own."""
         if self.hparams.clip_grad > 0:
             clip_grad_norm_per_part(self.student_parts(), self.hparams.clip_grad)
-        if gradient_clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ----------------------------------------------------------------- step
     def draw_masks(self, global_views: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,8 @@ patient and consistent")::
         loss.backward(); clip total grad norm to 1; update(S, P)   # LARS
 
 Released backbones have no heads, so the loss is on features. The teacher runs without
-gradients (``inference_mode``), in bf16 on a GPU that has it.
+gradients (``inference_mode``), in bf16 on a GPU that has it; with fixed views and no mixup
+its targets can be kept from the first epoch (``cache_teacher``).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from torch import nn
 
 from sslzoo.augment.recipes import OneView
 from sslzoo.backbones import Backbone, build_backbone
+from sslzoo.errors import warn_user
 from sslzoo.methods.base import SSLMethod
 from sslzoo.nn.feature_maps import feature_maps
+from sslzoo.nn.input_cache import InputCache
 from sslzoo.nn.teachers import frozen
 from sslzoo.optim.settings import Optimization
 from sslzoo.pretrained import load_backbone_weights
@@ -66,7 +69,13 @@ class Distillation(SSLMethod):
         mixup: mix each batch with a shuffled copy of itself, one weight ~ U(0, 1) per batch.
         clip_grad: clip the total gradient norm to this; 0 disables.
         teacher_bf16: run the teacher in bf16 autocast on a GPU that supports it.
-        views: one view: crop area (0.14, 1), flip, jitter at strength 0.5, grayscale 0.2.
+        cache_teacher: keep each image's teacher target in host memory and reuse it when the
+            same input comes again (:class:`~sslzoo.nn.input_cache.InputCache`; exact): with
+            ``views.fixed`` and ``mixup`` false the teacher runs in the first epoch only.
+            Memory: ``n_teacher_blocks`` x the teacher's width x its patch grid floats per
+            image (ViT-S/14 at 224 px: 768 KiB). Random views never repeat: a warning says so.
+        views: one view: crop area (0.14, 1), flip, jitter at strength 0.5, grayscale 0.2;
+            ``fixed``: resized and centre-cropped, nothing random.
         optim: LARS 1.5 per 256 images, weight decay 1e-6, warmup 10 epochs, cosine to 0.001
             x the peak.
         backbone: the student's backbone name (any architecture with a feature map:
@@ -91,6 +100,7 @@ class Distillation(SSLMethod):
         mixup: bool = True,
         clip_grad: float = 1.0,
         teacher_bf16: bool = True,
+        cache_teacher: bool = False,
         views: OneView = VIEWS,
         optim: Optimization = OPTIM,
         backbone: str = "resnet18",
@@ -111,6 +121,9 @@ class Distillation(SSLMethod):
         self.projection = nn.Linear(self.backbone.num_features, teacher_dim)
         nn.init.trunc_normal_(self.projection.weight, std=0.02)
         self.criterion = nn.MSELoss()
+        if cache_teacher and mixup:
+            raise ValueError("cache_teacher needs mixup=False: mixed images never come again")
+        self.teacher_cache = InputCache() if cache_teacher else None
 
     def load_init_backbone(self) -> None:
         """The student's ``init_backbone`` and the teacher's ``teacher_weights``."""
@@ -144,7 +157,8 @@ class Distillation(SSLMethod):
         (x,), labels = batch
         if self.hparams.mixup:
             x = self.mix(x)
-        target = self.teacher_target(x)
+        cache = self.teacher_cache
+        target = self.teacher_target(x) if cache is None else cache(self.teacher_target, x)
         fmap = feature_maps(self.backbone.model, x)[0]
         student = self.projection(fmap.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         student = F.interpolate(student, size=target.shape[-2:], mode="bilinear")
@@ -152,15 +166,21 @@ class Distillation(SSLMethod):
         features = fmap.mean(dim=(2, 3))
         return self.training_outputs(loss, features, features, labels)
 
-    def configure_gradient_clipping(
-        self,
-        optimizer: torch.optim.Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        """Clip the total gradient norm at ``clip_grad``, then the trainer's own if set."""
+    def on_train_epoch_end(self) -> None:
+        """Log the share of teacher targets taken from the cache; warn if none came again."""
+        cache = self.teacher_cache
+        if cache is None:
+            return
+        self.log_scalar("train/teacher_cache_hits", cache.hits / max(1, cache.hits + cache.misses))
+        if self.current_epoch == 1 and cache.hits == 0:
+            warn_user(
+                "cache_teacher: no image came to the teacher twice in two epochs (random views?): "
+                "the cache only grows; set --model.views.fixed true or cache_teacher false"
+            )
+        cache.reset_counts()
+
+    def clip_method_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clip the total gradient norm at ``clip_grad``."""
         if self.hparams.clip_grad > 0:
             params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.hparams.clip_grad)
-        if gradient_clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
