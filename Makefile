@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: lint
-	$(BIN)/pytest -q --durations=12
+	$(BIN)/pytest -q --durations=12 -n 2 --dist loadgroup
 
 clean:
 	rm -rf $(VENV) runs

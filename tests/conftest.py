@@ -49,7 +49,13 @@ SMALL_SWAV = {
 }
 
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest-xdist workers on the 2 cores: each computes on one thread,
+    # and so do the processes it starts (two threads each would oversubscribe the cores)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
@@ -91,6 +97,16 @@ def fit(root: Path, *overrides: str) -> SSLZooCLI:
     return cli
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist's ``--dist loadgroup`` (``make test``) a file's tests share one worker,
+    so its module fixtures are built once; a test marked ``xdist_group`` itself (those that
+    share the session's trained SimCLR) joins that group, whatever its file."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
 @pytest.fixture(scope="session")
 def timm_run(tmp_path_factory: pytest.TempPathFactory) -> SSLZooCLI:
     """SimCLR on the digits (quickstart config), 2 epochs of 2 batches: one tiny trained
@@ -106,3 +122,13 @@ def simclr_cifar(cifar_root: str, tmp_path_factory: pytest.TempPathFactory):
     from tests.real_data import SIMCLR, train_and_compare
 
     return train_and_compare(SIMCLR, cifar_root, tmp_path_factory.mktemp("simclr_cifar"))
+
+
+@pytest.fixture(scope="session")
+def finetuned_cifar(cifar_root: str, simclr_cifar, tmp_path_factory: pytest.TempPathFactory):
+    """:func:`tests.real_data.finetune_pair` of the real-data SimCLR case, seed 0, once a
+    session: the fine-tuning test compares the two, self-training starts from the first."""
+    from tests.real_data import finetune_pair
+
+    out = tmp_path_factory.mktemp("finetuned_cifar")
+    return finetune_pair(simclr_cifar.cli.model, cifar_root, 0, out)

@@ -1,5 +1,7 @@
 """Train a real-data case (``tests/configs/real_data/*.yaml``) and measure its backbone before
-and after, shared by the real-data tests and the tests that start from a trained backbone."""
+and after, shared by the real-data tests and the tests that start from a trained backbone;
+fine-tune the SimCLR case and its untrained twin on few labels (fine-tuning and
+self-training tests)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,14 @@ from pathlib import Path
 
 from sslzoo.callbacks import KNNMonitor
 from sslzoo.cli import SSLZooCLI
+from sslzoo.datamodules import CIFAR10DataModule
 from sslzoo.eval.features import extract_features
+from sslzoo.eval.finetune import finetune
 from sslzoo.eval.knn import knn_accuracy
 from sslzoo.eval.probes import linear_probe_accuracy
 
+FINETUNE_SETTINGS = dict(label_fraction=0.1, epochs=15, batch_size=25, accelerator="cpu",
+                         progress_bar=False)  # fmt: skip
 CONFIGS = sorted((Path(__file__).parent / "configs" / "real_data").glob("*.yaml"))
 SIMCLR = Path(__file__).parent / "configs" / "real_data" / "simclr.yaml"
 
@@ -70,3 +76,27 @@ def train_and_compare(
     checkpoint = root_dir / f"{config.stem}.ckpt"
     trainer.save_checkpoint(checkpoint)
     return TrainedCase(metric, before, after, cli, checkpoint)
+
+
+@dataclass
+class FinetunedPair:
+    """The real-data SimCLR backbone and the same architecture untrained, each fine-tuned with
+    SimCLR v2's recipe (its learning rate, batches of 25, 15 epochs) on 10 % of the labels of
+    a 500-a-class CIFAR-10 subset (50 images a class), tested on its 5,000 test images; the
+    pretrained one saved as a classifier checkpoint (a self-training teacher)."""
+
+    data: CIFAR10DataModule
+    untrained: dict
+    pretrained: dict
+    teacher: Path
+
+
+def finetune_pair(model, cifar_root: str, seed: int, out: Path) -> FinetunedPair:
+    data = CIFAR10DataModule(root=cifar_root, batch_size=256, num_workers=0, image_size=16,
+                             subset_per_class=500, pin_memory=False)  # fmt: skip
+    settings = dict(FINETUNE_SETTINGS, seed=seed)
+    teacher = out / "finetuned.ckpt"
+    after = finetune(model, data, out_dir=out, save_to=teacher, **settings)
+    before = finetune(model, data, pretrained=False, **settings)
+    assert after["train_images"] == before["train_images"] == 500
+    return FinetunedPair(data, before, after, teacher)

@@ -15,7 +15,8 @@ from tests.conftest import REPO
 def test_cpu_tier_toy_budget(cifar_root: str, tmp_path: Path) -> None:
     script = str(REPO / "benchmarks" / "cifar10.py")
     cmd = [sys.executable, script, "--tier", "cpu", "--data", cifar_root,
-           "--methods", "simclr", "--epochs", "1", "--out", str(tmp_path)]  # fmt: skip
+           "--methods", "simclr", "--epochs", "1", "--out", str(tmp_path),
+           "--set", "data.subset_per_class=20"]  # fmt: skip
     subprocess.run(cmd, check=True, timeout=600, capture_output=True)
     results = json.loads((tmp_path / "cifar10-cpu.json").read_text())
     assert len(results) == 1

@@ -42,11 +42,12 @@ def data_args(config: Path, folder: Path) -> list[str]:
     ids=lambda p: str(p.relative_to(REPO / "configs")),
 )
 def test_config_instantiates(config: Path, labeled_folder: Path, tmp_path: Path) -> None:
-    cli = SSLZooCLI(
-        args=["--config", str(config), "--trainer.default_root_dir", str(tmp_path)]
-        + data_args(config, labeled_folder),
-        run=False,
-    )
+    with torch.device("meta"):  # the full-size networks' shapes, without drawing their weights
+        cli = SSLZooCLI(
+            args=["--config", str(config), "--trainer.default_root_dir", str(tmp_path)]
+            + data_args(config, labeled_folder),
+            run=False,
+        )
     model, data = cli.model, cli.datamodule
     assert isinstance(model, SSLMethod)
     assert isinstance(data, SSLDataModule)

@@ -37,6 +37,10 @@ FIRST_STEP_RTOL = 1e-4
 FINAL_RTOL = 1e-2
 RMS_FLOOR = 1e-6
 LOSS_RTOL = 1e-5  # measured <= 2e-6 relative at step 3
+# Barlow Twins standardises each of 8 embedding dimensions over 8 images before the
+# cross-correlation, which amplifies summation-order noise: its step-3 loss differed by 1.3e-4
+# relative on one thread per process (2e-6 on two)
+LOSS_RTOL_OF = {"barlowtwins": 5e-4}
 LOSS_ATOL = 1e-6  # SimSiam's -cos starts near 0: float noise of 3e-7 is 4e-5 of it
 # per method, tensors that must be among the compared ones and must have moved
 KEY_TENSORS = {
@@ -198,7 +202,8 @@ def test_ddp_matches_single_process(
         torch.testing.assert_close(union, batch.sort().values, rtol=0, atol=0)
     # each rank's loss is its batch mean; their mean is the global batch mean
     losses = [(a + b) / 2 for a, b in zip(r0["losses"], r1["losses"], strict=True)]
-    assert losses == pytest.approx(ref["losses"], rel=LOSS_RTOL, abs=LOSS_ATOL)
+    rtol = LOSS_RTOL_OF.get(name, LOSS_RTOL)
+    assert losses == pytest.approx(ref["losses"], rel=rtol, abs=LOSS_ATOL)
     assert len(losses) == H.STEPS
     if name == "distillation":  # the student moves towards the frozen teacher's features
         assert ref["losses"][-1] < ref["losses"][0]

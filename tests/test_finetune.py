@@ -17,7 +17,7 @@ from jsonargparse import ArgumentParser
 from timm.layers import DropPath
 from torch import nn
 
-from sslzoo.datamodules import CIFAR10DataModule, SSLDataModule
+from sslzoo.datamodules import SSLDataModule
 from sslzoo.datamodules.images import ImageArray
 from sslzoo.errors import ConfigError
 from sslzoo.eval.finetune import add_finetune_arguments, finetune, finetune_kwargs
@@ -218,21 +218,6 @@ def test_mae_recipe_trains_a_vit_and_the_cli_options() -> None:
     assert math.isclose(result["peak_lr"], 5e-4 * 8 / 256)
 
 
-def finetune_pair(model: SimCLR, cifar_root: str, seed: int) -> tuple[float, float]:
-    """(untrained, pretrained) test top-1 after fine-tuning ``model``'s backbone (the real-data
-    SimCLR case, trained 8 epochs) and the same architecture untrained with SimCLR v2's recipe
-    (its learning rate, batches of 25, 15 epochs) on 10 % of the labels of a 500-a-class
-    CIFAR-10 subset (50 images a class), tested on its 5,000 test images."""
-    data = CIFAR10DataModule(root=cifar_root, batch_size=256, num_workers=0, image_size=16,
-                             subset_per_class=500, pin_memory=False)  # fmt: skip
-    settings = dict(label_fraction=0.1, seed=seed, epochs=15, batch_size=25, accelerator="cpu",
-                    progress_bar=False)  # fmt: skip
-    after = finetune(model, data, **settings)
-    before = finetune(model, data, pretrained=False, **settings)
-    assert after["train_images"] == before["train_images"] == 500
-    return before["finetune_top1"], after["finetune_top1"]
-
-
 # calibrated: pretrained minus untrained top-1 over seeds 0, 1, 2 was 0.050, 0.012, 0.034
 # (untrained 0.221, 0.233, 0.230; one torch thread), and 0.029 for seed 0 here with two threads
 # (0.223 -> 0.252); with 10 % of a 200-a-class subset (20 images a class, 30 epochs) it was
@@ -241,7 +226,10 @@ MARGIN = 0.006
 
 
 @pytest.mark.slow
-def test_pretrained_simclr_beats_untrained_on_cifar(cifar_root: str, simclr_cifar) -> None:
-    before, after = finetune_pair(simclr_cifar.cli.model, cifar_root, seed=0)
+@pytest.mark.xdist_group("simclr_cifar")
+def test_pretrained_simclr_beats_untrained_on_cifar(finetuned_cifar) -> None:
+    # tests.real_data.finetune_pair: 10 % of a 500-a-class subset, batches of 25, 15 epochs
+    before = finetuned_cifar.untrained["finetune_top1"]
+    after = finetuned_cifar.pretrained["finetune_top1"]
     print(f"fine-tuned on 10% of the labels: untrained {before:.3f}, pretrained {after:.3f}")
     assert after >= before + MARGIN, (before, after)

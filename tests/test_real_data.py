@@ -28,8 +28,16 @@ import pytest
 from tests.real_data import CONFIGS, SIMCLR, read_expectation, train_and_compare
 
 
+def case(config: Path) -> object:
+    """A config as a parameter: under pytest-xdist the tests that share the session's trained
+    SimCLR run on one worker, each other case goes where there is room."""
+    shares = config == SIMCLR or config.stem == "distillation"
+    group = "simclr_cifar" if shares else f"real_data_{config.stem}"
+    return pytest.param(config, marks=pytest.mark.xdist_group(group), id=config.stem)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("config", [case(c) for c in CONFIGS])
 def test_trained_beats_untrained(
     config: Path, cifar_root: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -186,10 +187,16 @@ def read_ids(rank: int, packed: str, keys: dict[str, int], out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def test_two_ranks_read_disjoint_shares_covering_each_epoch(packed: Path, tmp_path: Path) -> None:
+def test_two_ranks_read_disjoint_shares_covering_each_epoch(
+    packed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     shards = ShardItems(str(packed), transform=None)
     keys = {pixels_key(shards[i][0]): shards.shards[i]["id"] for i in range(len(shards))}
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000))
+    with socket.socket() as s:  # a free port, for these ranks only (not left in os.environ)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
     mp.start_processes(read_ids, args=(str(packed), keys, str(tmp_path)), nprocs=2,
                        start_method="fork")  # fmt: skip
     ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
