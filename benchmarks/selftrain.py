@@ -73,8 +73,9 @@ def markdown(results: list[dict], tier: str, seconds: float) -> str:
         "",
         "Test top-1 at the last epoch of each stage (nothing selected on test): linear probe "
         "and SimCLR v2 fine-tuning on the labeled subset, then students trained from scratch "
-        "on the unlabeled rest by distillation from the fine-tuned network (SimCLR v2) and by "
-        "one Noisy Student round, for the pretrained backbone and the same architecture "
+        "on the training images, labels unused, by distillation from the fine-tuned network "
+        "(SimCLR v2) and by one Noisy Student round (left out: no pseudo-label reached its "
+        "confidence threshold), for the pretrained backbone and the same architecture "
         "untrained. Command: `python benchmarks/selftrain.py --tier "
         f"{tier} ...`; {seconds / 60:.1f} min in all.",
         "",
