@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import lightning as L
@@ -39,3 +40,10 @@ def sgd(lr: float = 0.1, **settings: Any) -> Optimization:
     """SGD settings for tests: ``lr`` per 256 images (linear scaling), no warmup, the other
     fields :class:`Optimization`'s defaults unless given."""
     return Optimization(**{"optimizer": "sgd", "lr": lr, "warmup_epochs": 0.0, **settings})
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for the rendezvous of test processes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -22,7 +22,6 @@ writing this test) makes the losses differ far beyond ``LOSS_RTOL``.
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import pytest
@@ -32,6 +31,7 @@ from torch import nn
 from sslzoo.eval.features import extract_features
 from sslzoo.nn.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 from tests import ddp_helpers as H
+from tests.helpers import free_port
 
 FIRST_STEP_RTOL = 1e-4
 FINAL_RTOL = 1e-2
@@ -61,12 +61,6 @@ KEY_TENSORS = {
     "vicreg": ["expander.0.weight", "expander.1.bias", "backbone.model.bn1.running_var"],
     "distillation": ["projection.weight", "backbone.model.bn1.running_var"],
 }  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ single-process reference runs in the test process on the same data.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +46,7 @@ from sslzoo.methods.mae import MAE  # noqa: E402
 from sslzoo.methods.swav import SwAV  # noqa: E402
 from tests.conftest import TINY_HEADS, TINY_RESNET  # noqa: E402
 from tests.ddp_helpers import ImageMaskedDINOv2  # noqa: E402
+from tests.helpers import free_port  # noqa: E402
 
 WORLD = 2
 SAMPLES, GLOBAL_BATCH = 16, 8  # 2 optimizer steps per epoch
@@ -402,12 +402,6 @@ def worker(out: Path) -> None:
     torch.save(counts, out / f"rank{rank}.pt")
     if rank == 0:
         torch.save(results, out / "results.pt")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

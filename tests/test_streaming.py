@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from sslzoo.datamodules.shards import ShardItems, StreamingImages
 from sslzoo.errors import ConfigError
 from tests.augment_helpers import cifar_folder
 from tests.conftest import TINY_HEADS, TINY_RESNET
+from tests.helpers import free_port
 
 os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
 
@@ -192,11 +192,8 @@ def test_two_ranks_read_disjoint_shares_covering_each_epoch(
 ) -> None:
     shards = ShardItems(str(packed), transform=None)
     keys = {pixels_key(shards[i][0]): shards.shards[i]["id"] for i in range(len(shards))}
-    with socket.socket() as s:  # a free port, for these ranks only (not left in os.environ)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # for these ranks only, not left behind
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     mp.start_processes(read_ids, args=(str(packed), keys, str(tmp_path)), nprocs=2,
                        start_method="fork")  # fmt: skip
     ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]

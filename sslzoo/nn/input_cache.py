@@ -30,11 +30,11 @@ class InputCache:
     def keys(self, x: torch.Tensor) -> list[tuple[str, ...]]:
         """One key per input of the batch ``x``."""
         flat = x.detach().flatten(1)
-        if self._projections is None or self._projections.shape[0] != flat.shape[1]:
-            g = torch.Generator().manual_seed(self.seed)
-            self._projections = torch.randn(flat.shape[1], FINGERPRINTS, generator=g,
-                                            dtype=torch.float64)  # fmt: skip
-        w = self._projections.to(flat.device)
+        w = self._projections
+        if w is None or w.shape[0] != flat.shape[1] or w.device != flat.device:
+            g = torch.Generator().manual_seed(self.seed)  # drawn on the host: same on any device
+            w = torch.randn(flat.shape[1], FINGERPRINTS, generator=g, dtype=torch.float64)
+            self._projections = w = w.to(flat.device)  # kept there, not copied every batch
         # float64 in slices of 32 inputs: rounding differences stay far below the kept digits
         prints = torch.cat([rows.double() @ w for rows in flat.split(32)]).cpu().tolist()
         return [tuple(f"{v:.{DIGITS - 1}e}" for v in row) for row in prints]
